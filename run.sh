@@ -1,0 +1,115 @@
+#!/usr/bin/env bash
+# BirdSep: Conv-TasNet separation of overlapping bird sounds (asteroid-style recipe).
+set -euo pipefail
+cd "$(dirname "$0")"
+
+cmdline="$0 $(printf '%q ' "$@")"
+
+log() { echo -e "$(date '+%Y-%m-%d %H:%M:%S') (${BASH_SOURCE[1]##*/}:${BASH_LINENO[0]}) $*"; }
+
+# ---- Options (every tunable is declared here, above parse_options.sh) ----
+stage=0               # first stage to run
+stop_stage=100        # last stage to run
+conf=conf.yml         # recipe configuration; each of its second-level keys is also an option
+data_dir=data         # where downloads, clips and mixtures go
+exp_root=exp          # where experiments go
+tag=""                # experiment name; derived from --conf and the overrides when empty
+xc_source=https://xeno-canto.org/api/3/recordings  # API URL, or a local dump directory
+python=.venv/bin/python
+
+help_message="Usage: $0 [options]
+Stages:
+  0  download xeno-canto recordings (API v3 with \$XC_API_KEY, or a local dump via --xc_source)
+  1  cut vocalisation clips, resample, split by recording or species
+  2  build BSD-2mix and BSD-3mix (mixtures of different species)
+  3  train Conv-TasNet (exp/<tag>/)
+  4  evaluate on the test split (exp/<tag>/eval/)
+Options:
+  --stage N          first stage (default: $stage)
+  --stop_stage N     last stage (default: $stop_stage)
+  --conf FILE        configuration (default: $conf; conf_cpu.yml is a 2-core CPU preset)
+  --data_dir DIR     data directory (default: $data_dir)
+  --exp_root DIR     experiments directory (default: $exp_root)
+  --tag NAME         experiment name (default: derived from --conf and overrides)
+  --xc_source SRC    xeno-canto API URL or local dump directory (default: $xc_source)
+  --python PATH      Python interpreter (default: $python, created by utils/prepare_python_env.sh)
+  --KEY VALUE        override any second-level key of the conf file, e.g. --sample_rate 16000
+Examples:
+  XC_API_KEY=... $0                                   # everything, live API
+  $0 --xc_source ../shared/xeno-canto --stop_stage 2  # data sets from a local dump
+  $0 --stage 3 --stop_stage 4 --conf conf_cpu.yml --max_minutes 30 --tag cpu30"
+
+# Declare every conf key as an (empty = not overridden) option. The conf file is found
+# before parsing, since its keys are the options.
+conf_for_keys=$conf
+for ((i = 1; i <= $#; i++)); do
+  case "${!i}" in
+    --conf) j=$((i + 1)); conf_for_keys="${!j:-}" ;;
+    --conf=*) conf_for_keys="${!i#--conf=}" ;;
+  esac
+done
+[ -f "$conf_for_keys" ] || { echo "$0: configuration file not found: $conf_for_keys" >&2; exit 1; }
+conf_keys=$(awk '/^  [A-Za-z_][A-Za-z0-9_]*:/ { sub(/^ +/, ""); sub(/:.*/, ""); print }' "$conf_for_keys")
+for key in $conf_keys; do
+  printf -v "$key" '%s' ""
+done
+
+_po_set=""
+. utils/parse_options.sh
+
+if [ $# -gt 0 ]; then
+  echo "$0: unexpected argument(s): $*" >&2; exit 1
+fi
+
+# Conf overrides given on the command line, passed on to every stage script.
+overrides=()
+tag_suffix=""
+for key in $conf_keys; do
+  if [[ " $_po_set " == *" $key "* ]]; then
+    overrides+=("--$key" "${!key}")
+    tag_suffix+="_${key}${!key}"
+  fi
+done
+
+if [ -z "$tag" ]; then
+  tag="$(basename "${conf%.*}")${tag_suffix}"
+  tag="${tag//[^A-Za-z0-9_.=-]/}"
+fi
+exp_dir="$exp_root/$tag"
+
+if [ "$python" = .venv/bin/python ] && { [ ! -f .venv/.requirements-installed ] ||
+    [ requirements.txt -nt .venv/.requirements-installed ]; }; then
+  log "Setting up the Python environment (.venv)"
+  utils/prepare_python_env.sh .venv
+fi
+
+common=(--conf "$conf")
+
+if [ "$stage" -le 0 ] && [ "$stop_stage" -ge 0 ]; then
+  log "Stage 0: download xeno-canto recordings"
+  "$python" -m local.download "${common[@]}" --data_dir "$data_dir" --xc_source "$xc_source" "${overrides[@]}"
+fi
+
+if [ "$stage" -le 1 ] && [ "$stop_stage" -ge 1 ]; then
+  log "Stage 1: vocalisation clips"
+  "$python" -m local.clips "${common[@]}" --data_dir "$data_dir" "${overrides[@]}"
+fi
+
+if [ "$stage" -le 2 ] && [ "$stop_stage" -ge 2 ]; then
+  log "Stage 2: BSD-2mix and BSD-3mix"
+  "$python" -m local.mixtures "${common[@]}" --data_dir "$data_dir" "${overrides[@]}"
+fi
+
+if [ "$stage" -le 3 ] && [ "$stop_stage" -ge 3 ]; then
+  log "Stage 3: train Conv-TasNet in $exp_dir"
+  mkdir -p "$exp_dir"
+  echo "$(date '+%F %T') $cmdline" >> "$exp_dir/run_command.txt"
+  "$python" train.py "${common[@]}" --data_dir "$data_dir" --exp_dir "$exp_dir" "${overrides[@]}"
+fi
+
+if [ "$stage" -le 4 ] && [ "$stop_stage" -ge 4 ]; then
+  log "Stage 4: evaluate $exp_dir"
+  "$python" eval.py --data_dir "$data_dir" --exp_dir "$exp_dir" "${overrides[@]}"
+fi
+
+log "Done (stages $stage to $stop_stage)."

@@ -1,0 +1,125 @@
+"""Recipe configuration: a two-level YAML file whose second-level keys are unique, so every
+key doubles as a `--key value` command-line override (asteroid's egs convention)."""
+from __future__ import annotations
+
+import argparse
+import copy
+from pathlib import Path
+from typing import Any, Sequence
+
+import yaml
+
+Conf = dict[str, dict[str, Any]]
+
+
+class ConfError(ValueError):
+    """A configuration file or override is invalid."""
+
+
+def read_conf(path: str | Path) -> Conf:
+    """Read a conf file and check its shape: sections of scalar/list/dict values, unique keys."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfError(f"configuration file not found: {path}")
+    with open(path) as f:
+        conf = yaml.safe_load(f)
+    if not isinstance(conf, dict) or not all(isinstance(v, dict) for v in conf.values()):
+        raise ConfError(f"{path}: expected two levels (section: {{key: value}})")
+    seen: dict[str, str] = {}
+    for section, values in conf.items():
+        for key in values:
+            if key in seen:
+                raise ConfError(f"{path}: key '{key}' is in both '{seen[key]}' and '{section}'; "
+                                "second-level keys must be unique")
+            seen[key] = section
+    return conf
+
+
+def _coerce(key: str, text: str, default: Any) -> Any:
+    """Parse an override string as YAML and check it has the type of the default."""
+    try:
+        value = yaml.safe_load(text) if text != "" else ""
+    except yaml.YAMLError as err:
+        raise ConfError(f"--{key}: cannot parse '{text}': {err}") from None
+    if default is None or value is None:
+        return value
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise ConfError(f"--{key}: expected true or false, got '{text}'")
+        return value
+    if isinstance(default, float) and isinstance(value, str):
+        try:  # YAML 1.1 reads "1e-4" (no dot) as a string
+            value = float(value)
+        except ValueError:
+            raise ConfError(f"--{key}: expected a number, got '{text}'") from None
+    if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(default, str) and not isinstance(value, str):
+        return str(text)
+    if isinstance(default, list) and not isinstance(value, list):
+        # "--species 'Coereba flaveola'" means a list of one.
+        return [value]
+    if type(value) is not type(default) and not (isinstance(default, (int, float)) and
+                                                 isinstance(value, (int, float))):
+        raise ConfError(f"--{key}: expected {type(default).__name__}, got '{text}'")
+    return value
+
+
+def apply_overrides(conf: Conf, overrides: dict[str, str]) -> Conf:
+    """Return a copy of `conf` with `--key value` overrides (strings) applied."""
+    conf = copy.deepcopy(conf)
+    where = {key: section for section, values in conf.items() for key in values}
+    for key, text in overrides.items():
+        if key not in where:
+            raise ConfError(f"unknown option --{key}; known keys: {', '.join(sorted(where))}")
+        section = where[key]
+        conf[section][key] = _coerce(key, text, conf[section][key])
+    return conf
+
+
+def split_overrides(argv: Sequence[str]) -> dict[str, str]:
+    """Turn ['--a', '1', '--b=2'] into {'a': '1', 'b': '2'}; anything else is an error."""
+    overrides: dict[str, str] = {}
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith("--") or len(arg) == 2:
+            raise ConfError(f"unexpected argument '{arg}' (expected --key value)")
+        if "=" in arg:
+            key, value = arg[2:].split("=", 1)
+            i += 1
+        else:
+            if i + 1 >= len(argv):
+                raise ConfError(f"option {arg} needs a value")
+            key, value = arg[2:], argv[i + 1]
+            i += 2
+        overrides[key.replace("-", "_")] = value
+    return overrides
+
+
+def parse_stage_args(description: str, argv: Sequence[str] | None = None,
+                     add_arguments: Any = None) -> tuple[argparse.Namespace, Conf]:
+    """Common command line of every stage script: `--conf PATH`, the script's own arguments
+    (added by `add_arguments(parser)`), and `--key value` conf overrides.
+
+    Returns the parsed own arguments and the resolved conf.
+    """
+    parser = argparse.ArgumentParser(description=description,
+                                     epilog="Any second-level key of the conf file is also "
+                                            "accepted as --key value.")
+    parser.add_argument("--conf", default="conf.yml", help="recipe configuration file")
+    if add_arguments is not None:
+        add_arguments(parser)
+    args, rest = parser.parse_known_args(argv)
+    try:
+        conf = apply_overrides(read_conf(args.conf), split_overrides(rest))
+    except ConfError as err:
+        parser.error(str(err))
+    return args, conf
+
+
+def write_conf(conf: Conf, path: str | Path) -> None:
+    """Write a resolved conf atomically."""
+    from utils.atomic import atomic_write_text
+
+    atomic_write_text(path, yaml.safe_dump(conf, sort_keys=False))
