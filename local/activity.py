@@ -1,0 +1,189 @@
+"""Bird activity detection: where in a field recording is there a vocalisation?
+
+xeno-canto recordings are mostly background between calls. A frame is active when its band
+energy (in the band where birds sing, capped below Nyquist) exceeds the noise floor (a low
+percentile of the frame energies around it, and at least that of the whole recording) by
+`activity_threshold_db`. Active runs are merged, given context, cut into clips, and each clip
+must be active often enough and loud enough over the floor as a whole, so that a noise-only
+or silent recording yields no clip.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from scipy.ndimage import percentile_filter
+from scipy.signal import spectrogram
+
+# Band power below this (dB re full scale) is digital silence (zero padding, muted parts):
+# it says nothing about the background, so it takes no part in the noise floor.
+DIGITAL_SILENCE_DB = -120.0
+# The band stops short of Nyquist, where the resampler's anti-aliasing filter rolls off.
+NYQUIST_MARGIN = 0.95
+
+
+@dataclass
+class Activity:
+    """Per-frame analysis of one recording; frame i covers samples [i, i+1) * frame_len."""
+    frame_len: int
+    energy_db: np.ndarray  # band power per frame (dB)
+    floor_db: np.ndarray   # noise floor per frame (dB)
+    active: np.ndarray     # bool per frame
+
+    def frame_range(self, start: int, end: int) -> slice:
+        """Frames whose centre lies in samples [start, end)."""
+        first = int(np.ceil((start - self.frame_len / 2) / self.frame_len))
+        last = int(np.ceil((end - self.frame_len / 2) / self.frame_len))
+        n = len(self.active)
+        return slice(min(max(first, 0), n), min(max(last, 0), n))
+
+    def active_fraction(self, start: int, end: int) -> float:
+        frames = self.active[self.frame_range(start, end)]
+        return float(frames.mean()) if frames.size else 0.0
+
+    def snr_db(self, start: int, end: int) -> float:
+        """Band energy of samples [start, end) over the noise floor there (dB)."""
+        frames = self.frame_range(start, end)
+        if frames.stop <= frames.start:
+            return -np.inf
+        signal = np.mean(10 ** (self.energy_db[frames] / 10))
+        floor = np.mean(10 ** (self.floor_db[frames] / 10))
+        return float(10 * np.log10(signal / floor))
+
+
+ACTIVITY_KEYS = ("sample_rate", "clip_min_s", "clip_max_s", "band_low_hz", "band_high_hz",
+                 "frame_ms", "noise_floor_percentile", "noise_floor_window_s",
+                 "activity_threshold_db", "merge_gap_s", "context_s", "min_active_fraction",
+                 "min_clip_snr_db")
+
+
+def check_conf_clips(conf_clips: dict[str, Any]) -> None:
+    """Raise ValueError (naming the key) for a clips section that cannot work."""
+    missing = [key for key in ACTIVITY_KEYS if key not in conf_clips]
+    if missing:
+        raise ValueError(f"clips section lacks {', '.join(missing)}")
+    sample_rate = conf_clips["sample_rate"]
+    if not isinstance(sample_rate, int) or sample_rate <= 0:
+        raise ValueError(f"sample_rate must be a positive integer, got {sample_rate!r}")
+    high = min(conf_clips["band_high_hz"], NYQUIST_MARGIN * sample_rate / 2)
+    if conf_clips["band_low_hz"] >= high:
+        raise ValueError(f"activity band [{conf_clips['band_low_hz']}, {high:.0f}] Hz is empty "
+                         f"at sample_rate {sample_rate}")
+    if not 0 < conf_clips["clip_min_s"] <= conf_clips["clip_max_s"]:
+        raise ValueError(f"need 0 < clip_min_s <= clip_max_s, got {conf_clips['clip_min_s']} "
+                         f"and {conf_clips['clip_max_s']}")
+    if conf_clips["frame_ms"] <= 0 or conf_clips["noise_floor_window_s"] <= 0:
+        raise ValueError("frame_ms and noise_floor_window_s must be positive")
+    if not 0 <= conf_clips["noise_floor_percentile"] <= 100:
+        raise ValueError("noise_floor_percentile must be within [0, 100]")
+
+
+def band_energy_db(x: np.ndarray, sample_rate: int, frame_ms: float, band_low_hz: float,
+                   band_high_hz: float) -> tuple[np.ndarray, int]:
+    """Band power of non-overlapping Hann-windowed frames (dB re full scale), frame length."""
+    frame_len = max(int(round(frame_ms * 1e-3 * sample_rate)), 16)
+    high = min(band_high_hz, NYQUIST_MARGIN * sample_rate / 2)
+    n_frames = len(x) // frame_len
+    if n_frames == 0:
+        return np.zeros(0), frame_len
+    freqs, _, power = spectrogram(x[: n_frames * frame_len], fs=sample_rate, window="hann",
+                                  nperseg=frame_len, noverlap=0, detrend=False,
+                                  scaling="spectrum", mode="psd")
+    in_band = (freqs >= band_low_hz) & (freqs <= high)
+    band_power = power[in_band].sum(axis=0)
+    return 10 * np.log10(np.maximum(band_power, 1e-30)), frame_len
+
+
+def noise_floor_db(energy_db: np.ndarray, percentile: float, window_frames: int) -> np.ndarray:
+    """Noise floor per frame: the `percentile` of the frame energies in a sliding window, but
+    never below that percentile over the whole recording; digital silence is ignored.
+    The local floor follows gain changes and passing noise (wind, traffic) that a single
+    global floor would take for activity; the global one keeps quiet passages (a fade-in, a
+    quieter stretch of background) from passing their faint noise off as activity."""
+    audible = energy_db > DIGITAL_SILENCE_DB
+    if not audible.any():
+        return np.full_like(energy_db, np.inf)
+    global_floor = np.percentile(energy_db[audible], percentile)
+    filled = np.where(audible, energy_db, global_floor)
+    window = max(1, min(window_frames, len(filled)))
+    local_floor = percentile_filter(filled, percentile, size=window, mode="reflect")
+    return np.maximum(local_floor, global_floor)
+
+
+def analyse(x: np.ndarray, sample_rate: int, conf_clips: dict[str, Any]) -> Activity:
+    """Band energy, noise floor and active frames of a recording."""
+    energy_db, frame_len = band_energy_db(x, sample_rate, conf_clips["frame_ms"],
+                                          conf_clips["band_low_hz"], conf_clips["band_high_hz"])
+    window = int(round(conf_clips["noise_floor_window_s"] * sample_rate / frame_len))
+    floor_db = noise_floor_db(energy_db, conf_clips["noise_floor_percentile"], window)
+    active = (energy_db > floor_db + conf_clips["activity_threshold_db"]) & \
+             (energy_db > DIGITAL_SILENCE_DB)
+    return Activity(frame_len, energy_db, floor_db, active)
+
+
+def _runs(mask: np.ndarray) -> list[tuple[int, int]]:
+    """[(first, stop)] of the runs of True in a boolean array."""
+    edges = np.diff(np.concatenate([[0], mask.astype(np.int8), [0]]))
+    return list(zip(np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)))
+
+
+def _merge(regions: list[tuple[int, int]], gap: int) -> list[tuple[int, int]]:
+    """Merge sorted regions separated by less than `gap` (overlapping ones included)."""
+    merged: list[tuple[int, int]] = []
+    for start, end in regions:
+        if merged and start - merged[-1][1] < gap:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], end))
+        else:
+            merged.append((start, end))
+    return merged
+
+
+def _widen(start: int, end: int, length: int, total: int) -> tuple[int, int]:
+    """Widen [start, end) symmetrically to at least `length` samples within [0, total)."""
+    missing = length - (end - start)
+    if missing <= 0:
+        return start, end
+    start = max(0, start - missing // 2)
+    end = min(total, start + length)
+    return max(0, end - length), end
+
+
+def _split(start: int, end: int, max_len: int) -> list[tuple[int, int]]:
+    """Cut [start, end) into the fewest near-equal parts of at most `max_len` samples."""
+    n_parts = max(1, int(np.ceil((end - start) / max_len)))
+    bounds = np.linspace(start, end, n_parts + 1).round().astype(int)
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
+def find_vocalisations(x: np.ndarray, sample_rate: int,
+                       conf_clips: dict[str, Any]) -> list[tuple[int, int, float]]:
+    """Clips of `x` holding bird activity: [(start_sample, end_sample, active_fraction)].
+
+    Active frames closer than `merge_gap_s` are one vocalisation; each gets `context_s`
+    either side and is widened to `clip_min_s` where the recording allows; overlapping
+    regions are merged and cut into near-equal parts of at most `clip_max_s`. A clip is kept
+    when it lasts at least `clip_min_s`, at least `min_active_fraction` of its frames are
+    active, and its band energy as a whole exceeds the noise floor by `min_clip_snr_db`.
+    """
+    check_conf_clips({**conf_clips, "sample_rate": sample_rate})
+    activity = analyse(np.asarray(x, dtype=np.float64), sample_rate, conf_clips)
+    frame_len, total = activity.frame_len, len(x)
+    min_len = int(round(conf_clips["clip_min_s"] * sample_rate))
+    max_len = int(round(conf_clips["clip_max_s"] * sample_rate))
+    context = int(round(conf_clips["context_s"] * sample_rate))
+
+    runs = [(first * frame_len, stop * frame_len) for first, stop in _runs(activity.active)]
+    calls = _merge(runs, int(round(conf_clips["merge_gap_s"] * sample_rate)))
+    regions = [_widen(max(0, s - context), min(total, e + context), min_len, total)
+               for s, e in calls]
+    regions = _merge(sorted(regions), gap=0)
+
+    clips = []
+    for region in regions:
+        for start, end in _split(*region, max_len):
+            fraction = activity.active_fraction(start, end)
+            if (end - start >= min_len and fraction >= conf_clips["min_active_fraction"]
+                    and activity.snr_db(start, end) >= conf_clips["min_clip_snr_db"]):
+                clips.append((int(start), int(end), fraction))
+    return clips
