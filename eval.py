@@ -1,5 +1,278 @@
-"""Placeholder until the training issue: exits with a clear message."""
+"""Stage 4: evaluate a trained separation model on a BSD-{n}mix split.
+
+Writes `<exp_dir>/eval/per_utterance.csv`, `<exp_dir>/eval/final_metrics.json` (SI-SNR and
+BSS Eval SDR, their improvements over the mixture, and oracle-mask baselines on the same
+mixtures) and a few listening examples with spectrograms under `<exp_dir>/eval/examples/`.
+
+    python eval.py --data_dir data --exp_dir exp/tag [--key value ...]
+
+The configuration is the experiment's resolved `<exp_dir>/conf.yml` (written by training)
+with the command-line overrides applied.
+"""
+from __future__ import annotations
+
+import argparse
+import json
 import sys
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm import tqdm
+
+from local.bsd_dataset import BSDDataset, split_csv
+from local.metrics import (ORACLE_MASKS, SDR_BACKENDS, oracle_estimates, score_estimates,
+                           stft_sizes)
+from utils.atomic import atomic_path, atomic_write_text
+from utils.audio import write_wav
+from utils.config import Conf, ConfError, parse_stage_args, read_conf
+
+REPO_ROOT = Path(__file__).resolve().parent
+# Per-source columns of the split csv copied to the per-utterance table.
+SOURCE_INFO_COLUMNS = ("clip_id", "recording_id", "species", "snr_db")
+# Utterance-level metric columns summarised in final_metrics.json.
+SUMMARY_METRICS = ("input_si_sdr", "si_sdr", "si_sdr_imp", "input_sdr", "sdr", "sdr_imp")
+ORACLE_SUMMARY_METRICS = ("si_sdr", "si_sdr_imp", "sdr", "sdr_imp")
+ORACLE_TITLES = {"ibm": "IBM", "irm": "IRM", "wiener": "Wiener"}
+
+Separator = Callable[[torch.Tensor], np.ndarray]
+
+
+def _load_model(exp_dir: Path) -> torch.nn.Module:
+    """The experiment's best model (<exp_dir>/best_model.pth) in eval mode."""
+    from model import load_best_model
+
+    return load_best_model(exp_dir)
+
+
+def _model_separator(model: torch.nn.Module) -> Separator:
+    """Full-length separation on the model's device: mixture (time,) -> (n_src, time) float64."""
+    device = next(model.parameters()).device
+
+    def separate(mixture: torch.Tensor) -> np.ndarray:
+        estimates = model(mixture[None].to(device))[0]
+        return estimates.detach().cpu().double().numpy()
+
+    return separate
+
+
+def _device() -> torch.device:
+    """Where the model and the SDRs run: the GPU when there is one."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _eval_settings(conf: Conf) -> dict:
+    settings = dict(conf["evaluation"])
+    if settings["sdr_backend"] not in SDR_BACKENDS:
+        raise ConfError(f"--sdr_backend: '{settings['sdr_backend']}' is not one of "
+                        f"{', '.join(SDR_BACKENDS)}")
+    return settings
+
+
+def _dataset_description(csv_path: Path) -> dict:
+    """What was evaluated: the split csv and the data set's dataset.json (when present)."""
+    info_path = csv_path.parent / "dataset.json"
+    return {"csv": str(csv_path),
+            "dataset": json.loads(info_path.read_text()) if info_path.is_file() else None}
+
+
+def _utterance_row(row: pd.Series, n_src: int, sample_rate: int, scores: dict) -> dict:
+    """One line of the per-utterance table: ids, per-source and utterance-mean metrics."""
+    out = {"mixture_id": str(row["mixture_id"]), "length": int(row["length"]),
+           "duration_s": int(row["length"]) / sample_rate}
+    for k in range(1, n_src + 1):
+        for info in SOURCE_INFO_COLUMNS:
+            column = f"source_{k}_{info}"
+            if column in row.index:
+                out[column] = row[column]
+    for metric in ("si_sdr", "sdr"):
+        for k in range(n_src):
+            out[f"source_{k + 1}_input_{metric}"] = float(scores["input"][metric][k])
+        out[f"input_{metric}"] = float(np.mean(scores["input"][metric]))
+    model_scores = scores.get("model")
+    if model_scores is not None:
+        for k in range(n_src):
+            out[f"source_{k + 1}_estimate"] = int(model_scores["perm"][k]) + 1
+            out[f"source_{k + 1}_si_sdr"] = float(model_scores["si_sdr"][k])
+            out[f"source_{k + 1}_sdr"] = float(model_scores["sdr"][k])
+        for metric in ("si_sdr", "si_sdr_imp", "sdr", "sdr_imp"):
+            out[metric] = float(np.mean(model_scores[metric]))
+    for name in ORACLE_MASKS:
+        if name in scores:
+            for metric in ORACLE_SUMMARY_METRICS:
+                out[f"{name}_{metric}"] = float(np.mean(scores[name][metric]))
+    return out
+
+
+def _spectrogram_db(audio: np.ndarray, win: int, hop: int) -> np.ndarray:
+    window = torch.hann_window(win, dtype=torch.float64)
+    spec = torch.stft(torch.as_tensor(audio, dtype=torch.float64), n_fft=win, hop_length=hop,
+                      window=window, return_complex=True).abs()
+    return (20 * torch.log10(spec + 1e-8)).numpy()
+
+
+def save_spectrogram_figure(path: Path, mixture: np.ndarray, references: np.ndarray,
+                            estimates: np.ndarray, sample_rate: int, win: int, hop: int) -> None:
+    """PNG: the mixture on top, then one row per source (reference | estimate), same dB scale."""
+    from matplotlib.figure import Figure  # Agg canvas; no pyplot state, no display needed
+
+    n_src = references.shape[0]
+    specs = [_spectrogram_db(x, win, hop) for x in (mixture, *references, *estimates)]
+    vmax = max(float(s.max()) for s in specs)
+    extent = (0, mixture.shape[-1] / sample_rate, 0, sample_rate / 2000)
+    fig = Figure(figsize=(10, 2.2 * (n_src + 1)), layout="constrained")
+    grid = fig.add_gridspec(n_src + 1, 2)
+    panels = [(grid[0, :], "mixture", specs[0])]
+    for k in range(n_src):
+        panels.append((grid[k + 1, 0], f"reference s{k + 1}", specs[1 + k]))
+        panels.append((grid[k + 1, 1], f"estimate s{k + 1}", specs[1 + n_src + k]))
+    for cell, title, spec in panels:
+        ax = fig.add_subplot(cell)
+        image = ax.imshow(spec, origin="lower", aspect="auto", extent=extent, cmap="magma",
+                          vmin=vmax - 80, vmax=vmax)
+        ax.set_title(title, fontsize=9)
+        ax.set_ylabel("kHz")
+    ax.set_xlabel("time (s)")
+    fig.colorbar(image, ax=fig.axes, label="dB", shrink=0.6)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=80)
+
+
+def save_example(example_dir: Path, mixture: np.ndarray, references: np.ndarray,
+                 estimates: np.ndarray, sample_rate: int, win: int, hop: int) -> None:
+    """mixture.wav, s<k>.wav, s<k>_estimate.wav (estimates aligned to the references) and
+    spectrograms.png."""
+    write_wav(example_dir / "mixture.wav", mixture, sample_rate)
+    for k in range(references.shape[0]):
+        write_wav(example_dir / f"s{k + 1}.wav", references[k], sample_rate)
+        write_wav(example_dir / f"s{k + 1}_estimate.wav", estimates[k], sample_rate)
+    save_spectrogram_figure(example_dir / "spectrograms.png", mixture, references, estimates,
+                            sample_rate, win, hop)
+
+
+def _score_split(dataset: BSDDataset, separate: Separator | None, settings: dict,
+                 sample_rate: int, with_oracles: bool, examples_dir: Path | None,
+                 device: torch.device, desc: str) -> pd.DataFrame:
+    """Score every mixture of `dataset`; the input metrics are computed once and shared by
+    the model and the oracles, all SDRs of a mixture in one batch."""
+    win, hop = stft_sizes(sample_rate, settings["oracle_win_ms"], settings["oracle_hop_ms"])
+    n_save = settings["n_save_examples"] if examples_dir is not None else 0
+    rows = []
+    with torch.inference_mode():
+        for idx in tqdm(range(len(dataset)), desc=desc, unit="mix", dynamic_ncols=True):
+            mixture_t, references_t, mixture_id = dataset[idx]
+            mixture = mixture_t.double().numpy()
+            references = references_t.double().numpy()
+            estimates: dict[str, np.ndarray] = {}
+            if separate is not None:
+                estimates["model"] = separate(mixture_t)
+            if with_oracles:
+                estimates.update(oracle_estimates(mixture, references, win, hop))
+            if not np.isfinite(mixture).all() or not all(np.isfinite(e).all()
+                                                          for e in estimates.values()):
+                raise ValueError(f"{mixture_id}: non-finite mixture or estimates")
+            scores = score_estimates(mixture, references, estimates, settings["sdr_backend"],
+                                     device)
+            rows.append(_utterance_row(dataset.df.iloc[idx], dataset.n_src, sample_rate, scores))
+            if separate is not None and idx < n_save:
+                aligned = estimates["model"][scores["model"]["perm"]]
+                save_example(examples_dir / mixture_id, mixture, references, aligned,
+                             sample_rate, win, hop)
+    return pd.DataFrame(rows)
+
+
+def _summary(df: pd.DataFrame, with_model: bool, with_oracles: bool) -> dict:
+    summary: dict = {}
+    if with_model:
+        summary.update({m: float(df[m].mean()) for m in SUMMARY_METRICS})
+    else:
+        summary.update({m: float(df[m].mean()) for m in ("input_si_sdr", "input_sdr")})
+    summary["n_utterances"] = int(len(df))
+    summary["oracle"] = ({name: {m: float(df[f"{name}_{m}"].mean()) for m in ORACLE_SUMMARY_METRICS}
+                          for name in ORACLE_MASKS} if with_oracles else None)
+    return summary
+
+
+def evaluate(conf: Conf, data_dir: str | Path, exp_dir: str | Path) -> dict:
+    """Evaluate `<exp_dir>`'s best model on `<data_dir>/BSD-{n_src}mix/{eval_on}.csv`.
+
+    Returns the content of final_metrics.json."""
+    exp_dir = Path(exp_dir)
+    settings = _eval_settings(conf)
+    n_src, sample_rate = conf["model"]["n_src"], conf["clips"]["sample_rate"]
+    csv_path = split_csv(data_dir, n_src, settings["eval_on"])
+    dataset = BSDDataset(csv_path, sample_rate, segment_s=None, return_id=True)
+    if dataset.n_src != n_src:
+        raise ConfError(f"{csv_path} has {dataset.n_src} sources, the model {n_src} (--n_src)")
+
+    model = _load_model(exp_dir)
+    if getattr(model, "sample_rate", sample_rate) != sample_rate:
+        raise ConfError(f"model trained at {model.sample_rate} Hz, data at {sample_rate} Hz "
+                        "(--sample_rate)")
+    device = _device()
+    model = model.to(device).eval()
+
+    eval_dir = exp_dir / "eval"
+    df = _score_split(dataset, _model_separator(model), settings, sample_rate,
+                      settings["oracles"], eval_dir / "examples", device, desc=f"eval {exp_dir.name}")
+    with atomic_path(eval_dir / "per_utterance.csv") as tmp:
+        df.to_csv(tmp, index=False, float_format="%.4f")
+
+    metrics = _summary(df, with_model=True, with_oracles=settings["oracles"])
+    metrics.update({"checkpoint": str(exp_dir / "best_model.pth"), "split": settings["eval_on"],
+                    "n_src": n_src, "sample_rate": sample_rate,
+                    "sdr_backend": settings["sdr_backend"], "device": str(device),
+                    "data": _dataset_description(csv_path)})
+    atomic_write_text(eval_dir / "final_metrics.json", json.dumps(metrics, indent=2) + "\n")
+
+    line = (f"eval: {metrics['n_utterances']} mixtures of {csv_path}: SI-SNRi "
+            f"{metrics['si_sdr_imp']:.2f} dB, SDRi {metrics['sdr_imp']:.2f} dB")
+    if metrics["oracle"]:
+        line += " (oracle SI-SNRi " + ", ".join(
+            f"{ORACLE_TITLES[name]} {metrics['oracle'][name]['si_sdr_imp']:.2f}" for name in ORACLE_MASKS) + ")"
+    print(f"{line} -> {eval_dir}")
+    return metrics
+
+
+def evaluate_oracles(data_dir: str | Path, n_src: int, split: str, sample_rate: int,
+                     conf: Conf | None = None) -> dict:
+    """Oracle-mask baselines (IBM, IRM, Wiener-like) on `<data_dir>/BSD-{n_src}mix/{split}.csv`;
+    no model needed. STFT sizes and SDR backend come from `conf` (default: the recipe's
+    conf.yml). Returns {input_si_sdr, input_sdr, n_utterances, oracle: {ibm: {...}, ...}, data}."""
+    settings = _eval_settings(conf if conf is not None else read_conf(REPO_ROOT / "conf.yml"))
+    csv_path = split_csv(data_dir, n_src, split)
+    dataset = BSDDataset(csv_path, sample_rate, segment_s=None, return_id=True)
+    device = _device()
+    df = _score_split(dataset, None, settings, sample_rate, with_oracles=True, examples_dir=None,
+                      device=device, desc=f"oracles BSD-{n_src}mix/{split}")
+    result = _summary(df, with_model=False, with_oracles=True)
+    result.update({"split": split, "n_src": n_src, "sample_rate": sample_rate,
+                   "sdr_backend": settings["sdr_backend"], "data": _dataset_description(csv_path)})
+    return result
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    argv = list(sys.argv[1:] if argv is None else argv)
+
+    def add_arguments(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--data_dir", required=True, help="data directory (holds BSD-{n}mix)")
+        parser.add_argument("--exp_dir", required=True, help="experiment directory (exp/<tag>)")
+
+    # The default configuration is the experiment's resolved conf.yml, not the recipe's.
+    if not any(a == "--conf" or a.startswith("--conf=") for a in argv):
+        pre = argparse.ArgumentParser(add_help=False)
+        pre.add_argument("--exp_dir")
+        exp_dir = pre.parse_known_args(argv)[0].exp_dir
+        if exp_dir is not None:
+            argv = ["--conf", str(Path(exp_dir) / "conf.yml"), *argv]
+    args, conf = parse_stage_args(__doc__.split("\n\n")[0], argv, add_arguments)
+    try:
+        return evaluate(conf, args.data_dir, args.exp_dir)
+    except (ConfError, FileNotFoundError) as err:
+        sys.exit(f"eval.py: {err}")
+
 
 if __name__ == "__main__":
-    sys.exit("eval.py: not implemented yet (Conv-TasNet training/evaluation is the next issue)")
+    main()
