@@ -2,6 +2,7 @@
 resample with a polyphase filter, and write float wav files atomically."""
 from __future__ import annotations
 
+import io
 from fractions import Fraction
 from pathlib import Path
 
@@ -65,6 +66,10 @@ def load_audio(path: str | Path, sample_rate: int, min_duration_s: float = 0.0) 
 def write_wav(path: str | Path, audio: np.ndarray, sample_rate: int) -> None:
     """Write float32 wav atomically (float, so that mixtures equal the sum of their sources
     exactly). `audio` is (samples,) or (samples, channels)."""
+    # Encoded in memory, then written as plain bytes: libsndfile fsyncs every file it closes,
+    # which made writing thousands of small wavs disk-bound (the rename is atomic all the same).
+    buffer = io.BytesIO()
+    sf.write(buffer, np.asarray(audio, dtype=np.float32), sample_rate, subtype="FLOAT",
+             format="WAV")
     with atomic_path(path) as tmp:
-        sf.write(str(tmp), np.asarray(audio, dtype=np.float32), sample_rate,
-                 subtype="FLOAT", format="WAV")
+        tmp.write_bytes(buffer.getbuffer())
