@@ -1,0 +1,409 @@
+"""Separate users' recordings with a trained BirdSep model.
+
+    python separate.py --exp exp/<tag> FILE [FILE ...] --out_dir DIR [--input_rate]
+                       [--chunk_s S] [--overlap_s S] [--device cpu|cuda]
+
+Each input (any format libsndfile decodes: wav, flac, ogg, mp3; any sample rate; mono or
+stereo, mixed to mono; any length) gives one wav per source, `<stem>_s1.wav`, ... in DIR, at
+the model's sample rate or, with --input_rate, at the input's rate and length.
+
+What bounds memory: nothing ever holds a whole file. The decoder reads blocks of about one
+chunk, each block is resampled with enough real context on both sides that the stream equals
+resampling the whole file (StreamingResampler), the model sees one chunk of `chunk_s` seconds
+at a time, and separated samples are written as soon as no later chunk can change them. Peak
+memory is therefore the model's activations for one chunk plus a few chunk-sized buffers,
+whatever the file's length.
+
+Long inputs are separated chunk by chunk with overlap-add: consecutive chunks overlap by
+`overlap_s` seconds and are cross-faded there with complementary Hann (sin^2/cos^2) ramps that
+sum to one. A permutation-invariant model may output its sources in any order in each chunk,
+so every chunk's sources are first matched to the previous chunk's on their common overlap
+(the assignment with the highest summed normalised correlation).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import math
+import sys
+from fractions import Fraction
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import soundfile as sf
+import torch
+from scipy.optimize import linear_sum_assignment
+from scipy.signal import resample_poly
+from tqdm import tqdm
+
+from utils.atomic import atomic_path
+from utils.audio import AudioError
+from utils.config import ConfError, apply_overrides, parse_stage_args
+
+
+class SeparationFailures(RuntimeError):
+    """Some inputs could not be separated; the others were. Holds both lists."""
+
+    def __init__(self, written: list[Path], failed: dict[Path, str]):
+        self.written = written
+        self.failed = failed
+        super().__init__(f"{len(failed)} input(s) failed:\n" +
+                         "\n".join(f"  {reason}" for reason in failed.values()))
+
+
+def _load_model(exp_dir: str | Path) -> torch.nn.Module:
+    """The experiment's best model in eval mode.
+
+    Goes through model.load_best_model; until model.py provides it, falls back to asteroid's
+    loader of the serialised best_model.pth (TEMPORARY fallback, to be removed)."""
+    exp_dir = Path(exp_dir)
+    try:
+        from model import load_best_model
+    except ImportError:
+        load_best_model = None
+    if load_best_model is not None:
+        return load_best_model(exp_dir)
+    from asteroid.models import ConvTasNet
+
+    path = exp_dir / "best_model.pth"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: train a model first (run.sh stage 3)")
+    model = ConvTasNet.from_pretrained(str(path))
+    return model.eval()
+
+
+class StreamingResampler:
+    """Polyphase resampling of a signal that arrives in pieces.
+
+    The concatenated output equals utils.audio.resample of the whole signal (to float
+    rounding): every block is filtered together with `margin` real input samples on each side
+    (more than the half-length of scipy's Kaiser FIR), and blocks start on multiples of
+    `down`, so each maps onto a whole number of output samples.
+    """
+
+    def __init__(self, orig_sr: int, target_sr: int, block: int):
+        ratio = Fraction(int(target_sr), int(orig_sr))
+        self.up, self.down = ratio.numerator, ratio.denominator
+        # resample_poly's filter has half-length 10 * max(up, down) at the upsampled rate.
+        half_length_in = 10 * max(self.up, self.down) // self.up + 1
+        self.margin_steps = math.ceil((half_length_in + 1) / self.down) + 1
+        self.margin = self.margin_steps * self.down
+        self.block = max(1, math.ceil(block / self.down)) * self.down
+        # The signal is zero before it starts, as resample_poly assumes.
+        self._buffer = np.zeros(self.margin, dtype=np.float32)
+        self._n_in = 0
+        self._n_out = 0
+
+    @property
+    def identity(self) -> bool:
+        return self.up == self.down
+
+    def _resample_block(self, context: np.ndarray, n_out: int) -> np.ndarray:
+        y = resample_poly(context, self.up, self.down)
+        start = self.margin_steps * self.up
+        return y[start:start + n_out].astype(np.float32)
+
+    def push(self, x: np.ndarray) -> np.ndarray:
+        """Add input samples; return the output samples that are now final."""
+        x = np.asarray(x, dtype=np.float32)
+        self._n_in += x.shape[0]
+        if self.identity:
+            self._n_out += x.shape[0]
+            return x
+        self._buffer = np.concatenate([self._buffer, x])
+        outputs = []
+        n_block_out = self.block // self.down * self.up
+        while self._buffer.shape[0] >= 2 * self.margin + self.block:
+            outputs.append(self._resample_block(self._buffer[:2 * self.margin + self.block],
+                                                n_block_out))
+            self._buffer = self._buffer[self.block:]
+        out = np.concatenate(outputs) if outputs else np.zeros(0, dtype=np.float32)
+        self._n_out += out.shape[0]
+        return out
+
+    def flush(self) -> np.ndarray:
+        """The remaining output; the total is ceil(n_in * up / down), as for the whole signal."""
+        if self.identity:
+            return np.zeros(0, dtype=np.float32)
+        n_total = -(-self._n_in * self.up // self.down)
+        remaining = self._buffer.shape[0] - self.margin
+        if remaining <= 0 or n_total <= self._n_out:
+            return np.zeros(0, dtype=np.float32)
+        padded = math.ceil(remaining / self.down) * self.down + 2 * self.margin
+        context = np.pad(self._buffer, (0, padded - self._buffer.shape[0]))
+        out = self._resample_block(context, n_total - self._n_out)
+        self._n_out += out.shape[0]
+        self._buffer = np.zeros(self.margin, dtype=np.float32)
+        return out
+
+
+def _open_audio(path: Path) -> sf.SoundFile:
+    if not path.is_file():
+        raise AudioError(f"{path}: no such file")
+    if path.stat().st_size == 0:
+        raise AudioError(f"{path}: empty file")
+    try:
+        return sf.SoundFile(str(path))
+    except (sf.LibsndfileError, RuntimeError, TypeError, ValueError) as err:
+        raise AudioError(f"{path}: cannot decode audio ({err})") from None
+
+
+def stream_mono(audio_file: sf.SoundFile, path: Path, block: int) -> Iterator[np.ndarray]:
+    """Decode an open file block by block, mixed to mono; bad data raises AudioError."""
+    position = 0
+    try:
+        for data in audio_file.blocks(blocksize=block, dtype="float32", always_2d=True):
+            if not np.isfinite(data).all():
+                raise AudioError(f"{path}: audio contains NaN or infinite samples "
+                                 f"near {position / audio_file.samplerate:.1f} s")
+            position += data.shape[0]
+            yield data.mean(axis=1)
+    except (sf.LibsndfileError, RuntimeError) as err:
+        raise AudioError(f"{path}: decoding failed near {position / audio_file.samplerate:.1f} s "
+                         f"({err})") from None
+    if position == 0:
+        raise AudioError(f"{path}: no audio samples")
+
+
+class OverlapAddSeparator:
+    """Separates a stream chunk by chunk (see the module docstring).
+
+    `push` and `flush` return the (n_src, samples) output that no later chunk can change;
+    together they return exactly as many samples as were pushed.
+    """
+
+    MIN_INPUT = 1024  # samples
+
+    def __init__(self, model: torch.nn.Module, chunk: int, overlap: int,
+                 device: str | torch.device = "cpu"):
+        if not 0 < overlap <= chunk // 2:
+            raise ValueError(f"overlap ({overlap} samples) must be > 0 and at most half a chunk "
+                             f"({chunk} samples): the overlap aligns the sources of consecutive "
+                             "chunks, and no sample may lie in three chunks")
+        self.model = model
+        self.chunk, self.overlap, self.hop = chunk, overlap, chunk - overlap
+        self.device = torch.device(device)
+        ramp = np.sin(0.5 * np.pi * (np.arange(overlap) + 0.5) / overlap) ** 2
+        self.fade_in = ramp.astype(np.float32)
+        self.fade_out = (1.0 - ramp).astype(np.float32)
+        self._buffer = np.zeros(0, dtype=np.float32)  # starts where the next chunk starts
+        self._tail: np.ndarray | None = None  # previous chunk's last `overlap` samples
+
+    def _separate_chunk(self, x: np.ndarray) -> np.ndarray:
+        n = x.shape[0]
+        # A last chunk shorter than the encoder's kernel would fail in conv1d; a few ms of
+        # zeros after it are harmless.
+        x = np.pad(x, (0, max(0, self.MIN_INPUT - n)))
+        with torch.inference_mode():
+            wav = torch.from_numpy(np.ascontiguousarray(x)).to(self.device)[None]
+            est = self.model(wav)[0]
+        return est.float().cpu().numpy()[:, :n]
+
+    def _align(self, est: np.ndarray) -> np.ndarray:
+        """Reorder `est`'s sources to match the previous chunk's on the overlap."""
+        new = est[:, :self.overlap].astype(np.float64)
+        prev = self._tail.astype(np.float64)
+        similarity = (prev @ new.T) / (np.linalg.norm(prev, axis=1)[:, None] *
+                                        np.linalg.norm(new, axis=1)[None, :] + 1e-12)
+        _, order = linear_sum_assignment(similarity, maximize=True)
+        return est[order]
+
+    def _process(self, x: np.ndarray, last: bool) -> np.ndarray:
+        est = self._separate_chunk(x)
+        parts = []
+        body_start = 0
+        if self._tail is not None:
+            est = self._align(est)
+            parts.append(self._tail * self.fade_out + est[:, :self.overlap] * self.fade_in)
+            body_start = self.overlap
+        body_end = est.shape[1] if last else self.hop
+        parts.append(est[:, body_start:body_end])
+        self._tail = None if last else est[:, self.hop:]
+        return np.concatenate(parts, axis=1)
+
+    def push(self, x: np.ndarray) -> list[np.ndarray]:
+        self._buffer = np.concatenate([self._buffer, np.asarray(x, dtype=np.float32)])
+        outputs = []
+        while self._buffer.shape[0] >= self.chunk:
+            outputs.append(self._process(self._buffer[:self.chunk], last=False))
+            self._buffer = self._buffer[self.hop:]
+        return outputs
+
+    def flush(self) -> list[np.ndarray]:
+        started = self._tail is not None
+        if self._buffer.shape[0] > (self.overlap if started else 0):
+            out = [self._process(self._buffer, last=True)]
+        elif started:  # nothing after the last chunk: its tail stands alone
+            out = [self._tail]
+        else:
+            out = []
+        self._buffer = np.zeros(0, dtype=np.float32)
+        self._tail = None
+        return out
+
+
+def separate_array(model: torch.nn.Module, x: np.ndarray, chunk: int, overlap: int,
+                   device: str | torch.device = "cpu") -> np.ndarray:
+    """Separate a mono signal at the model's rate, chunk by chunk: (T,) -> (n_src, T)."""
+    separator = OverlapAddSeparator(model, chunk, overlap, device)
+    blocks = separator.push(x) + separator.flush()
+    return np.concatenate(blocks, axis=1)
+
+
+class _SourceWriters:
+    """The separated output of one input: one float wav per source, written through `.part`
+    files that are renamed when `stack` closes without error. At the model's rate, or
+    resampled back to the input's rate and cut to the input's length."""
+
+    def __init__(self, stack: contextlib.ExitStack, stem_path: Path, n_src: int, model_sr: int,
+                 input_sr: int | None, block: int):
+        self.paths = [stem_path.with_name(f"{stem_path.name}_s{k + 1}.wav") for k in range(n_src)]
+        self.files = []
+        for path in self.paths:
+            tmp = stack.enter_context(atomic_path(path))
+            self.files.append(stack.enter_context(
+                sf.SoundFile(str(tmp), "w", samplerate=input_sr or model_sr, channels=1,
+                             subtype="FLOAT", format="WAV")))
+        self.back = (None if input_sr is None else
+                     [StreamingResampler(model_sr, input_sr, block) for _ in range(n_src)])
+        self.n_written = 0
+
+    def _write(self, sources: Sequence[np.ndarray], limit: int | None) -> None:
+        n = sources[0].shape[0]
+        if limit is not None:  # never past the input's length (back-resampling rounds up)
+            n = max(0, min(n, limit - self.n_written))
+        for f, source in zip(self.files, sources):
+            f.write(source[:n])
+        self.n_written += n
+
+    def write(self, block: np.ndarray, n_input: int) -> None:
+        """Write (n_src, samples) at the model's rate; `n_input`: input samples read so far."""
+        if self.back is None:
+            self._write(list(block), None)
+        else:
+            self._write([r.push(s) for r, s in zip(self.back, block)], n_input)
+
+    def finish(self, n_input: int) -> None:
+        if self.back is not None:
+            self._write([r.flush() for r in self.back], n_input)
+            if self.n_written < n_input:
+                pad = np.zeros(n_input - self.n_written, dtype=np.float32)
+                self._write([pad] * len(self.files), n_input)
+
+
+def separate_file(model: torch.nn.Module, path: str | Path, out_dir: str | Path,
+                  chunk_s: float, overlap_s: float, input_rate: bool = False,
+                  device: str | torch.device = "cpu", progress: bool = True) -> list[Path]:
+    """Separate one file into `<out_dir>/<stem>_s<k>.wav`; raises AudioError for bad input."""
+    path, out_dir = Path(path), Path(out_dir)
+    model_sr = int(model.sample_rate)
+    chunk = int(round(chunk_s * model_sr))
+    separator = OverlapAddSeparator(model, chunk, int(round(overlap_s * model_sr)), device)
+    with _open_audio(path) as audio_file, contextlib.ExitStack() as stack:
+        in_sr = int(audio_file.samplerate)
+        block_in = max(1, int(round(chunk_s * in_sr)))
+        to_model = StreamingResampler(in_sr, model_sr, block_in)
+        known_length = 0 < audio_file.frames < 2 ** 62
+        bar = stack.enter_context(tqdm(
+            total=audio_file.frames / in_sr if known_length else None, unit="s",
+            desc=path.name, disable=not progress, leave=False,
+            bar_format=("{l_bar}{bar}| {n:.0f}/{total:.0f} s [{elapsed}<{remaining}]"
+                        if known_length else None)))
+        writers: _SourceWriters | None = None
+        n_in = 0
+
+        def write(blocks: list[np.ndarray]) -> None:
+            nonlocal writers
+            for block in blocks:
+                if writers is None:  # the number of sources is known from the first output
+                    writers = _SourceWriters(stack, out_dir / path.stem, block.shape[0],
+                                             model_sr, in_sr if input_rate else None, chunk)
+                writers.write(block, n_in)
+
+        for x in stream_mono(audio_file, path, block_in):
+            n_in += x.shape[0]
+            write(separator.push(to_model.push(x)))
+            bar.update(x.shape[0] / in_sr)
+        write(separator.push(to_model.flush()))
+        write(separator.flush())
+        writers.finish(n_in)
+        return writers.paths
+
+
+def separate_files(exp_dir: str | Path, files: Sequence[str | Path], out_dir: str | Path,
+                   chunk_s: float, overlap_s: float, input_rate: bool = False,
+                   device: str | None = None) -> list[Path]:
+    """Separate every file with the experiment's best model; returns the written wavs.
+
+    Inputs that cannot be separated (unreadable, corrupt, NaN, output name clash) are
+    reported and skipped; the others are still written. If any failed, raises
+    SeparationFailures (holding `written` and `failed`) after all files were tried.
+    """
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = _load_model(exp_dir).to(device).eval()
+    written: list[Path] = []
+    failed: dict[Path, str] = {}
+    stems: dict[str, Path] = {}
+    files = [Path(f) for f in files]
+    for path in tqdm(files, desc="files", unit="file", disable=len(files) < 2):
+        if path.stem in stems:
+            failed[path] = (f"{path}: output names clash with {stems[path.stem]} "
+                            "(same file name stem); separate it into another --out_dir")
+            tqdm.write(f"skipped: {failed[path]}", file=sys.stderr)
+            continue
+        stems[path.stem] = path
+        try:
+            written += separate_file(model, path, out_dir, chunk_s, overlap_s, input_rate, device)
+        except AudioError as err:
+            failed[path] = str(err)
+            tqdm.write(f"skipped: {err}", file=sys.stderr)
+    print(f"separate: {len(files) - len(failed)}/{len(files)} file(s) separated into "
+          f"{len(written)} wav(s) in {out_dir}" + (f"; {len(failed)} failed" if failed else ""))
+    if failed:
+        raise SeparationFailures(written, failed)
+    return written
+
+
+def _add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--exp", "--exp_dir", dest="exp_dir", required=True,
+                        help="experiment directory holding best_model.pth (exp/<tag>)")
+    parser.add_argument("files", nargs="+", type=Path, help="recordings to separate")
+    parser.add_argument("--out_dir", required=True, type=Path, help="where the wavs go")
+    parser.add_argument("--input_rate", action="store_true",
+                        help="write at each input's sample rate and length "
+                             "(default: the model's rate)")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default=None,
+                        help="default: cuda when available")
+    # Declared here (not left to the generic --key value overrides) so that their values are
+    # never mistaken for input files; their defaults come from the conf's separation section.
+    parser.add_argument("--chunk_s", default=None, help="chunk length in seconds")
+    parser.add_argument("--overlap_s", default=None, help="overlap of consecutive chunks (s)")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args, conf = parse_stage_args(__doc__.split("\n\n")[0], argv, _add_arguments)
+    if "separation" not in conf:
+        sys.exit(f"{args.conf}: no 'separation' section (chunk_s, overlap_s)")
+    try:
+        conf = apply_overrides(conf, {key: getattr(args, key) for key in ("chunk_s", "overlap_s")
+                                      if getattr(args, key) is not None})
+    except ConfError as err:
+        sys.exit(f"separate.py: {err}")
+    try:
+        separate_files(args.exp_dir, args.files, args.out_dir,
+                       chunk_s=conf["separation"]["chunk_s"],
+                       overlap_s=conf["separation"]["overlap_s"],
+                       input_rate=args.input_rate, device=args.device)
+    except SeparationFailures as err:
+        print(f"separate.py: {err}", file=sys.stderr)
+        return 1
+    except (FileNotFoundError, ValueError) as err:
+        print(f"separate.py: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
