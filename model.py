@@ -1,5 +1,118 @@
-"""Placeholder until the training issue: exits with a clear message."""
-import sys
+"""Conv-TasNet for bird-sound separation: construction from the recipe conf, optimizer, and
+loading of a trained experiment's `best_model.pth` (asteroid's serialised format).
 
-if __name__ == "__main__":
-    sys.exit("model.py: not implemented yet (Conv-TasNet training/evaluation is the next issue)")
+Encoder variants (conf `model.encoder`):
+  linear  free (learned) filterbank, no activation, free decoder (asteroid's default)
+  relu    free filterbank followed by a ReLU, free decoder
+  pinv    free encoder filterbank; the decoder is its pseudo-inverse (no decoder weights)
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from asteroid.engine.optimizers import make_optimizer
+from asteroid.models import ConvTasNet
+
+from utils.config import Conf, ConfError
+
+ENCODER_VARIANTS = ("linear", "relu", "pinv")
+# Normalisations that only look at the past; gLN/BN statistics span the whole utterance.
+CAUSAL_NORMS = ("cLN", "cgLN")
+
+
+class BirdConvTasNet(ConvTasNet):
+    """asteroid's ConvTasNet that also serialises `who_is_pinv`.
+
+    A pseudo-inverse decoder shares the encoder's filterbank, so its state dict has exactly the
+    layout of a free decoder and would load into a plain ConvTasNet without complaint, then run
+    with the wrong decoder. asteroid's `get_model_args` does not record `who_is_pinv`; this class
+    adds it. `who_is_pinv` is also a keyword that plain `ConvTasNet.__init__` forwards to
+    `make_enc_dec`, so `asteroid.models.ConvTasNet.from_pretrained(path)` rebuilds the
+    pseudo-inverse decoder too (it falls back to ConvTasNet because "BirdConvTasNet" is not
+    registered with asteroid).
+    """
+
+    def __init__(self, *args: Any, who_is_pinv: str | None = None, **kwargs: Any):
+        super().__init__(*args, who_is_pinv=who_is_pinv, **kwargs)
+        self.who_is_pinv = who_is_pinv
+
+    def get_model_args(self) -> dict[str, Any]:
+        return {**super().get_model_args(), "who_is_pinv": self.who_is_pinv}
+
+    def serialize(self) -> dict[str, Any]:
+        model_conf = super().serialize()
+        # asteroid stores torch.__version__ as a TorchVersion object, which torch.load's default
+        # weights_only=True (torch >= 2.6, used by from_pretrained) refuses to unpickle.
+        versions = model_conf["infos"]["software_versions"]
+        model_conf["infos"]["software_versions"] = {k: str(v) for k, v in versions.items()}
+        return model_conf
+
+    @property
+    def encoder_variant(self) -> str:
+        """linear, relu or pinv (the conf's `model.encoder`)."""
+        if self.decoder.is_pinv:
+            return "pinv"
+        return "relu" if self.encoder_activation == "relu" else "linear"
+
+
+def model_kwargs(conf: Conf) -> dict[str, Any]:
+    """Constructor arguments of asteroid's ConvTasNet for the conf's `model` section
+    (the thesis' Table IV.1 symbols in comments)."""
+    m = conf["model"]
+    encoder = m["encoder"]
+    if encoder not in ENCODER_VARIANTS:
+        raise ConfError(f"--encoder {encoder!r}: expected one of {', '.join(ENCODER_VARIANTS)}")
+    if m["causal"] and m["norm_type"] not in CAUSAL_NORMS:
+        # asteroid would silently switch to cLN; the conf (and exp/<tag>/conf.yml) would then lie.
+        raise ConfError(f"--causal true needs a causal normalisation ({' or '.join(CAUSAL_NORMS)}), "
+                        f"got --norm_type {m['norm_type']}: pass --norm_type cLN")
+    if m["kernel_size"] < 2:
+        raise ConfError(f"--kernel_size {m['kernel_size']}: must be >= 2 (the stride is half of it)")
+    return dict(
+        n_src=m["n_src"],
+        n_filters=m["n_filters"],            # N
+        kernel_size=m["kernel_size"],        # L
+        stride=m["kernel_size"] // 2,        # L/2 (asteroid's ConvTasNet default is a fixed 8)
+        bn_chan=m["bn_chan"],                # B
+        hid_chan=m["hid_chan"],              # H
+        skip_chan=m["skip_chan"],            # Sc
+        conv_kernel_size=m["conv_kernel_size"],  # P
+        n_blocks=m["n_blocks"],              # X
+        n_repeats=m["n_repeats"],            # R
+        norm_type=m["norm_type"],
+        causal=m["causal"],
+        mask_act=m["mask_act"],
+        fb_name="free",
+        encoder_activation="relu" if encoder == "relu" else None,
+        who_is_pinv="dec" if encoder == "pinv" else None,
+        sample_rate=conf["clips"]["sample_rate"],
+    )
+
+
+def make_model(conf: Conf) -> BirdConvTasNet:
+    """The one place a separation model is built from a conf."""
+    return BirdConvTasNet(**model_kwargs(conf))
+
+
+def make_model_and_optimizer(conf: Conf) -> tuple[BirdConvTasNet, torch.optim.Optimizer]:
+    """Model and its optimizer (conf `optim`: optimizer name, lr, weight_decay)."""
+    model = make_model(conf)
+    optim = conf["optim"]
+    try:
+        optimizer = make_optimizer(model.parameters(), optimizer=optim["optimizer"],
+                                   lr=optim["lr"], weight_decay=optim["weight_decay"])
+    except ValueError as err:
+        raise ConfError(f"--optimizer {optim['optimizer']!r}: {err}") from None
+    return model, optimizer
+
+
+def load_best_model(exp_dir: str | Path) -> BirdConvTasNet:
+    """The trained model of an experiment (`<exp_dir>/best_model.pth`), in eval mode, on CPU."""
+    path = Path(exp_dir) / "best_model.pth"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: train first (stage 3, train.py)")
+    # from_pretrained needs a str: anything else is taken for an already-loaded dict.
+    model = BirdConvTasNet.from_pretrained(str(path))
+    return model.eval()

@@ -1,5 +1,296 @@
-"""Placeholder until the training issue: exits with a clear message."""
+"""Stage 3: train Conv-TasNet on BSD-{n_src}mix with PIT SI-SNR (asteroid System + Lightning).
+
+Experiment directory layout (`exp/<tag>/`):
+  conf.yml                resolved conf of the latest run
+  checkpoints/            last.ckpt (every `checkpoint_every_n_steps` steps and at each epoch end)
+                          and the `save_top_k` best checkpoints by val_loss
+  best_k_models.json      {checkpoint path relative to exp_dir: val_loss}
+  best_model.pth          best checkpoint's model, asteroid format (model.serialize() + infos)
+  logs/csv, logs/tb       CSVLogger and TensorBoard logs, one version_N per (re)run
+
+Rerunning with the same exp_dir resumes from checkpoints/last.ckpt. A rerun whose conf and data
+dir match a finished run says so and returns at once. `max_minutes` is a budget on the TOTAL
+training time of the experiment: Lightning's Timer stores the time elapsed in each checkpoint and a
+resumed run continues from it, so a run killed and resumed does not get a fresh budget (the time
+between the last checkpoint and the kill is not counted, as that work is redone). To train longer
+after the budget ran out, rerun with a larger --max_minutes. As in Lightning, an epoch cut short
+by the budget counts as an epoch: a resumed run goes on with the next one.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
 import sys
+import time
+import warnings
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from asteroid.engine import System
+from asteroid.losses import PITLossWrapper, pairwise_neg_sisdr
+from asteroid.utils import flatten_dict
+from pytorch_lightning.callbacks import Callback, EarlyStopping, LearningRateMonitor, ModelCheckpoint, Timer
+from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
+from pytorch_lightning.utilities import rank_zero_only
+from torch.optim.lr_scheduler import ReduceLROnPlateau
+from torch.utils.data import DataLoader
+
+from local.bsd_dataset import BSDDataset, split_csv
+from model import make_model_and_optimizer
+from utils.atomic import atomic_path, atomic_write_text
+from utils.config import Conf, ConfError, parse_stage_args, read_conf, write_conf
+from utils.stage_marker import clear_done, is_done, mark_done
+
+# Keys that may differ between a run and its resumption: how long and on what hardware to train.
+# Any other difference means a different experiment and is refused.
+RESUMABLE_KEYS = {"epochs", "max_minutes", "early_stop", "patience", "num_workers", "num_threads",
+                  "accelerator", "devices", "strategy", "precision", "save_top_k",
+                  "checkpoint_every_n_steps", "max_bad_batches"}
+# The conf sections this stage reads (besides common.seed and clips.sample_rate).
+TRAINING_SECTIONS = ("model", "training", "optim")
+
+
+class BadBatchWarning(UserWarning):
+    """A training batch gave a non-finite loss and was skipped."""
+
+
+class BirdSystem(System):
+    """asteroid's System with mixture ids in training batches, non-finite losses skipped instead
+    of trained on, the loss in the progress bar, and the validation loss synced across GPUs."""
+
+    def __init__(self, *args: Any, max_bad_batches: int, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.max_bad_batches = max_bad_batches
+        self.bad_batches_in_a_row = 0
+        self.bad_batches_total = 0
+
+    @staticmethod
+    def config_to_hparams(dic: dict[str, Any]) -> dict[str, Any]:
+        # asteroid turns lists into tensors, which fails on lists of strings (e.g. groups: [birds]);
+        # logged hparams only need to be readable, so lists become their text.
+        return {k: str(v) if v is None or isinstance(v, (list, tuple)) else v
+                for k, v in flatten_dict(dic).items()}
+
+    def training_step(self, batch, batch_idx):
+        mixture, sources, mixture_ids = batch
+        loss = self.loss_func(self(mixture), sources)
+        # Every process must take the same decision, or DDP's gradient all-reduce would hang.
+        bad = self.trainer.strategy.reduce_boolean_decision(not bool(torch.isfinite(loss)), all=False)
+        if bad:
+            self.bad_batches_in_a_row += 1
+            self.bad_batches_total += 1
+            warnings.warn(f"non-finite training loss ({loss.item()}) at epoch {self.current_epoch}, "
+                          f"batch {batch_idx} (mixtures {', '.join(mixture_ids)}): batch skipped",
+                          BadBatchWarning, stacklevel=1)
+            if self.bad_batches_in_a_row >= self.max_bad_batches:
+                raise RuntimeError(f"{self.bad_batches_in_a_row} training batches in a row had a "
+                                   "non-finite loss: the data contain NaN/inf or training diverged "
+                                   "(try a lower --lr); see the warnings above for mixture ids")
+            return None  # Lightning skips backward and the optimizer step
+        self.bad_batches_in_a_row = 0
+        self.log("loss", loss, prog_bar=True, logger=True)
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        mixture, sources = batch
+        loss = self.loss_func(self(mixture), sources)
+        self.log("val_loss", loss, on_epoch=True, prog_bar=True, sync_dist=True)
+
+
+class SaveLastOnTrainEnd(Callback):
+    """Write last.ckpt when fit ends (also after a time-budget stop in mid-epoch), so a rerun
+    with a larger budget resumes from where this one stopped."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        trainer.save_checkpoint(str(self.path), weights_only=False)
+
+
+def _training_settings(conf: Conf) -> dict[str, Any]:
+    """Every conf value this stage reads, flat."""
+    settings = {"seed": conf["common"]["seed"], "sample_rate": conf["clips"]["sample_rate"]}
+    for section in TRAINING_SECTIONS:
+        settings.update(conf[section])
+    return settings
+
+
+def _training_params(conf: Conf, data_dir: str | Path) -> dict[str, Any]:
+    """What a finished run is identified by (its done-marker): its settings and data."""
+    return {"data_dir": str(Path(data_dir).resolve()), **_training_settings(conf)}
+
+
+def _check_resumable(old_conf: Conf, conf: Conf, exp_dir: Path) -> None:
+    """Refuse to resume an experiment under settings that would make it a different one."""
+    old, new = _training_settings(old_conf), _training_settings(conf)
+    changed = [f"{key}: {old[key]!r} -> {new.get(key)!r}" for key in old
+               if key not in RESUMABLE_KEYS and old[key] != new.get(key)]
+    if changed:
+        raise ConfError(f"{exp_dir} holds a run with other settings ({'; '.join(changed)}); "
+                        "use another --exp_dir/--tag, or delete it to start over")
+
+
+def _make_loaders(conf: Conf, data_dir: str | Path) -> tuple[DataLoader, DataLoader]:
+    n_src, sample_rate = conf["model"]["n_src"], conf["clips"]["sample_rate"]
+    t = conf["training"]
+    train_set = BSDDataset(split_csv(data_dir, n_src, "tr"), sample_rate, segment_s=t["segment_s"],
+                           return_id=True)
+    # Fixed windows, so that val_loss moves only with the model.
+    val_set = BSDDataset(split_csv(data_dir, n_src, "cv"), sample_rate, segment_s=t["segment_s"],
+                         random_segments=False)
+    for dataset in (train_set, val_set):
+        if dataset.n_src != n_src:
+            raise ConfError(f"{dataset.csv_path} has {dataset.n_src} sources, --n_src is {n_src}")
+    if len(train_set) < t["batch_size"]:
+        raise ValueError(f"{train_set.csv_path}: {len(train_set)} mixtures, fewer than one batch "
+                         f"(--batch_size {t['batch_size']})")
+    common = dict(batch_size=t["batch_size"], num_workers=t["num_workers"],
+                  pin_memory=torch.cuda.is_available(), persistent_workers=t["num_workers"] > 0)
+    train_loader = DataLoader(train_set, shuffle=True, drop_last=True, **common)
+    val_loader = DataLoader(val_set, shuffle=False, drop_last=False, **common)
+    return train_loader, val_loader
+
+
+def _make_trainer(conf: Conf, exp_dir: Path, n_train_batches: int
+                  ) -> tuple[pl.Trainer, ModelCheckpoint, EarlyStopping | None]:
+    """Lightning Trainer with the recipe's checkpoints, early stopping, time budget and loggers."""
+    t, ckpt_dir = conf["training"], (exp_dir / "checkpoints").resolve()
+    # Two writers of last.ckpt: the top-k callback after each validation, the step callback
+    # every few steps (a killed run loses at most that many). No version counter, so both
+    # overwrite the one last.ckpt instead of creating last-v1.ckpt.
+    best_ckpts = ModelCheckpoint(dirpath=ckpt_dir, filename="{epoch}-{step}", monitor="val_loss",
+                                 mode="min", save_top_k=t["save_top_k"], save_last=True,
+                                 enable_version_counter=False)
+    step_ckpts = ModelCheckpoint(dirpath=ckpt_dir, save_top_k=0, save_last=True,
+                                 every_n_train_steps=t["checkpoint_every_n_steps"],
+                                 enable_version_counter=False)
+    callbacks: list[Callback] = [best_ckpts, step_ckpts, SaveLastOnTrainEnd(ckpt_dir / "last.ckpt"),
+                                 LearningRateMonitor(logging_interval="epoch")]
+    early_stop = None
+    if t["early_stop"]:
+        early_stop = EarlyStopping(monitor="val_loss", mode="min", patience=t["patience"], verbose=True)
+        callbacks.append(early_stop)
+    loggers: list[Any] = [CSVLogger(exp_dir / "logs", name="csv")]
+    if importlib.util.find_spec("tensorboard") is not None:  # TensorBoardLogger needs it
+        loggers.append(TensorBoardLogger(exp_dir / "logs", name="tb", default_hp_metric=False))
+    trainer = pl.Trainer(
+        max_epochs=t["epochs"],
+        max_time=timedelta(minutes=t["max_minutes"]) if t["max_minutes"] > 0 else None,
+        accelerator=t["accelerator"], devices=t["devices"], strategy=t["strategy"],
+        precision=t["precision"], gradient_clip_val=conf["optim"]["gradient_clip"],
+        callbacks=callbacks, logger=loggers, default_root_dir=exp_dir,
+        log_every_n_steps=max(1, min(50, n_train_batches)),
+    )
+    return trainer, best_ckpts, early_stop
+
+
+def _stop_reason(trainer: pl.Trainer, early_stop: EarlyStopping | None) -> str:
+    timer = next((c for c in trainer.callbacks if isinstance(c, Timer)), None)
+    if early_stop is not None and early_stop.stopped_epoch > 0:
+        return "early stop"
+    if timer is not None and timer.time_remaining() is not None and timer.time_remaining() <= 0:
+        return "time budget"
+    return "max epochs"
+
+
+def _write_results(system: BirdSystem, trainer: pl.Trainer, best_ckpts: ModelCheckpoint,
+                   early_stop: EarlyStopping | None, conf: Conf, data_dir: str | Path,
+                   exp_dir: Path) -> dict[str, Any]:
+    """best_k_models.json, and best_model.pth: the best checkpoint's model in asteroid's format
+    with the training infos. Returns the infos."""
+    root = exp_dir.resolve()
+    best_k = {str(Path(p).relative_to(root)): float(v) for p, v in best_ckpts.best_k_models.items()}
+    atomic_write_text(exp_dir / "best_k_models.json", json.dumps(best_k, indent=1) + "\n")
+
+    model = system.model.cpu()
+    if best_ckpts.best_model_path:
+        state = torch.load(best_ckpts.best_model_path, map_location="cpu", weights_only=True)["state_dict"]
+        model.load_state_dict({k[len("model."):]: v for k, v in state.items() if k.startswith("model.")})
+    else:
+        warnings.warn("no validation epoch finished: best_model.pth holds the last weights")
+    best_loss = None if best_ckpts.best_model_score is None else float(best_ckpts.best_model_score)
+    infos = dict(training_config=conf, data_dir=str(data_dir),
+                 stop_reason=_stop_reason(trainer, early_stop),
+                 epochs_trained=int(trainer.current_epoch), global_step=int(trainer.global_step),
+                 best_checkpoint=(str(Path(best_ckpts.best_model_path).relative_to(root))
+                                  if best_ckpts.best_model_path else None),
+                 best_val_loss=best_loss, best_val_sisnr_db=None if best_loss is None else -best_loss,
+                 bad_batches_skipped=system.bad_batches_total)
+    package = model.serialize()
+    package["infos"].update(infos)
+    with atomic_path(exp_dir / "best_model.pth") as tmp:
+        torch.save(package, tmp)
+    return infos
+
+
+def _summary(infos: dict[str, Any]) -> str:
+    sisnr = infos.get("best_val_sisnr_db")
+    return (f"{infos.get('epochs_trained')} epochs ({infos.get('stop_reason')}), best val SI-SNR "
+            f"{'n/a' if sisnr is None else f'{sisnr:.2f} dB'}")
+
+
+def train(conf: Conf, data_dir: str | Path, exp_dir: str | Path) -> Path:
+    """Train (or resume training) and return the path of best_model.pth."""
+    started = time.time()
+    exp_dir = Path(exp_dir)
+    last_ckpt = (exp_dir / "checkpoints" / "last.ckpt").resolve()
+    best_model_path = exp_dir / "best_model.pth"
+    t = conf["training"]
+    params = _training_params(conf, data_dir)
+
+    if is_done(exp_dir, "train", params) and best_model_path.is_file():
+        infos = torch.load(best_model_path, map_location="cpu", weights_only=True)["infos"]
+        print(f"train: {exp_dir} already trained with this conf and data ({_summary(infos)}): "
+              "nothing to do")
+        return best_model_path
+    if last_ckpt.is_file() and (exp_dir / "conf.yml").is_file():
+        _check_resumable(read_conf(exp_dir / "conf.yml"), conf, exp_dir)
+    if rank_zero_only.rank == 0:
+        clear_done(exp_dir, "train")
+        write_conf(conf, exp_dir / "conf.yml")
+
+    if t["num_threads"] > 0:
+        torch.set_num_threads(t["num_threads"])
+    pl.seed_everything(conf["common"]["seed"], workers=True)
+    if torch.cuda.is_available():
+        torch.set_float32_matmul_precision("high")  # TF32 on Ampere and later
+    model, optimizer = make_model_and_optimizer(conf)
+    train_loader, val_loader = _make_loaders(conf, data_dir)
+    scheduler = ReduceLROnPlateau(optimizer, mode="min", factor=0.5,
+                                  patience=conf["optim"]["lr_halve_patience"])
+    system = BirdSystem(model=model, optimizer=optimizer,
+                        loss_func=PITLossWrapper(pairwise_neg_sisdr, pit_from="pw_mtx"),
+                        train_loader=train_loader, val_loader=val_loader, scheduler=scheduler,
+                        config=conf, max_bad_batches=t["max_bad_batches"])
+    trainer, best_ckpts, early_stop = _make_trainer(conf, exp_dir, len(train_loader))
+    resume_from = str(last_ckpt) if last_ckpt.is_file() else None
+    if resume_from and trainer.is_global_zero:
+        print(f"train: resuming from {last_ckpt}")
+    trainer.fit(system, ckpt_path=resume_from, weights_only=True)
+
+    if trainer.is_global_zero:
+        infos = _write_results(system, trainer, best_ckpts, early_stop, conf, data_dir, exp_dir)
+        mark_done(exp_dir, "train", params)
+        print(f"train: {exp_dir}: {_summary(infos)}, best checkpoint {infos['best_checkpoint']}, "
+              f"{(time.time() - started) / 60:.1f} min this run -> {best_model_path}")
+    return best_model_path
+
+
+def main(argv: list[str] | None = None) -> Path:
+    def add_arguments(parser):
+        parser.add_argument("--data_dir", default="data", help="data directory (holds BSD-{n}mix/)")
+        parser.add_argument("--exp_dir", required=True, help="experiment directory, e.g. exp/tag")
+
+    args, conf = parse_stage_args("Stage 3: train Conv-TasNet.", argv, add_arguments)
+    return train(conf, args.data_dir, args.exp_dir)
+
 
 if __name__ == "__main__":
-    sys.exit("train.py: not implemented yet (Conv-TasNet training/evaluation is the next issue)")
+    try:
+        main()
+    except (ConfError, FileNotFoundError) as err:
+        sys.exit(f"train.py: {err}")

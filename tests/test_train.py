@@ -1,0 +1,178 @@
+"""Stage 3 on a tiny BSD-2mix of synthetic 1-second mixtures: exp layout, resume, done-skip,
+time budget, bad batches, and the CPU preset."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import soundfile as sf
+import torch
+from asteroid.models import ConvTasNet
+
+from model import load_best_model, make_model
+from train import BadBatchWarning, main, train
+from utils.config import ConfError, read_conf, write_conf
+
+SAMPLE_RATE = 8000
+N_TRAIN, BATCH = 4, 2  # 2 training steps per epoch
+
+
+def write_tiny_bsd(data_dir: Path, n_train: int = N_TRAIN, nan_mixtures: tuple[str, ...] = ()) -> None:
+    """BSD-2mix/{tr,cv,tt} with the stage-2 csv columns: two chirped, gated tones per mixture."""
+    root = data_dir / "BSD-2mix"
+    rng = np.random.default_rng(0)
+    t = np.arange(SAMPLE_RATE) / SAMPLE_RATE
+    for split, n in (("tr", n_train), ("cv", 2), ("tt", 1)):
+        rows = []
+        for i in range(n):
+            mixture_id = f"{split}{i:02d}"
+            sources = [(0.3 * (np.sin(2 * np.pi * rng.uniform(2, 6) * t) > 0)
+                        * np.sin(2 * np.pi * (rng.uniform(500, 3500) + 300 * t) * t)).astype(np.float32)
+                       for _ in range(2)]
+            mixture = np.sum(sources, axis=0).astype(np.float32)
+            if mixture_id in nan_mixtures:
+                mixture[100:200] = np.nan
+            row = {"mixture_id": mixture_id, "mixture_path": f"{split}/mix/{mixture_id}.wav"}
+            for folder, audio in [("mix", mixture), ("s1", sources[0]), ("s2", sources[1])]:
+                (root / split / folder).mkdir(parents=True, exist_ok=True)
+                sf.write(root / split / folder / f"{mixture_id}.wav", audio, SAMPLE_RATE, subtype="FLOAT")
+            for k in (1, 2):
+                row[f"source_{k}_path"] = f"{split}/s{k}/{mixture_id}.wav"
+                row[f"source_{k}_clip_id"] = f"XC{k}_{i}"
+                row[f"source_{k}_recording_id"] = k
+                row[f"source_{k}_species"] = f"Genus species{k}"
+                row[f"source_{k}_gain"] = 1.0
+                row[f"source_{k}_snr_db"] = 0.0
+                row[f"source_{k}_offset"] = 0
+            row["length"] = len(mixture)
+            rows.append(row)
+        pd.DataFrame(rows).to_csv(root / f"{split}.csv", index=False)
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory) -> Path:
+    data_dir = tmp_path_factory.mktemp("data")
+    write_tiny_bsd(data_dir)
+    return data_dir
+
+
+@pytest.fixture
+def tiny_conf(repo_root):
+    conf = read_conf(repo_root / "conf.yml")
+    conf["model"].update(n_filters=16, kernel_size=16, bn_chan=8, hid_chan=16, skip_chan=8,
+                         n_blocks=2, n_repeats=1)
+    conf["training"].update(epochs=1, batch_size=BATCH, num_workers=0, segment_s=1.0, save_top_k=2,
+                            checkpoint_every_n_steps=1, max_minutes=0, accelerator="cpu", devices=1)
+    return conf
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def last_checkpoint(exp_dir: Path) -> dict:
+    return torch.load(exp_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+
+
+def best_model_infos(exp_dir: Path) -> dict:
+    return torch.load(exp_dir / "best_model.pth", map_location="cpu", weights_only=True)["infos"]
+
+
+def test_train_writes_exp_layout_resumes_and_skips_when_done(tiny_conf, tiny_data, tmp_path, capsys):
+    exp_dir = tmp_path / "exp" / "tiny"
+    best = train(tiny_conf, tiny_data, exp_dir)
+
+    assert best == exp_dir / "best_model.pth" and best.is_file()
+    assert read_conf(exp_dir / "conf.yml") == tiny_conf
+    assert last_checkpoint(exp_dir)["global_step"] == N_TRAIN // BATCH
+    best_k = json.loads((exp_dir / "best_k_models.json").read_text())
+    assert best_k and all((exp_dir / path).is_file() and np.isfinite(v) for path, v in best_k.items())
+    assert list((exp_dir / "logs" / "csv").glob("version_0/metrics.csv"))
+    infos = best_model_infos(exp_dir)
+    assert infos["training_config"] == tiny_conf and infos["epochs_trained"] == 1
+    assert infos["best_checkpoint"] in best_k
+    assert infos["best_val_sisnr_db"] == pytest.approx(-min(best_k.values()))
+    # The best checkpoint's weights, in asteroid's format: both loaders agree.
+    mixture = torch.randn(1, SAMPLE_RATE)
+    with torch.no_grad():
+        assert torch.equal(load_best_model(exp_dir)(mixture),
+                           ConvTasNet.from_pretrained(str(best)).eval()(mixture))
+    assert "train:" in capsys.readouterr().out  # the one-line summary
+
+    # More epochs through the command line: resumes from last.ckpt instead of starting over.
+    conf_path = tmp_path / "tiny.yml"
+    write_conf(tiny_conf, conf_path)
+    argv = ["--conf", str(conf_path), "--data_dir", str(tiny_data), "--exp_dir", str(exp_dir)]
+    main(argv + ["--epochs", "2"])
+    assert "resuming from" in capsys.readouterr().out
+    assert last_checkpoint(exp_dir)["global_step"] == 2 * N_TRAIN // BATCH
+    resumed = pd.read_csv(exp_dir / "logs" / "csv" / "version_1" / "metrics.csv")
+    assert set(resumed["epoch"].dropna().astype(int)) == {1}  # only the new epoch was trained
+    assert resumed["step"].min() >= N_TRAIN // BATCH - 1
+    assert best_model_infos(exp_dir)["epochs_trained"] == 2
+
+    # Same conf again: finished, nothing touched.
+    mtime = (exp_dir / "checkpoints" / "last.ckpt").stat().st_mtime_ns
+    main(argv + ["--epochs", "2"])
+    assert "already trained" in capsys.readouterr().out
+    assert (exp_dir / "checkpoints" / "last.ckpt").stat().st_mtime_ns == mtime
+
+    # Settings that make it another experiment are refused rather than mixed in.
+    with pytest.raises(ConfError, match="lr: 0.001 -> 0.0005"):
+        train({**tiny_conf, "optim": {**tiny_conf["optim"], "lr": 5e-4}}, tiny_data, exp_dir)
+
+
+def test_time_budget_stops_cleanly_and_carries_over(tiny_conf, tiny_data, tmp_path, capsys):
+    exp_dir = tmp_path / "exp"
+    tiny_conf["training"].update(epochs=3, max_minutes=1e-6)  # stops after the first step
+    train(tiny_conf, tiny_data, exp_dir)
+    infos = best_model_infos(exp_dir)
+    assert infos["stop_reason"] == "time budget" and infos["global_step"] == 1
+    elapsed = last_checkpoint(exp_dir)["callbacks"]["Timer"]["time_elapsed"]["train"]
+    assert elapsed > 0
+
+    train(tiny_conf, tiny_data, exp_dir)
+    assert "already trained" in capsys.readouterr().out
+
+    # A larger budget resumes with the time already spent, not from zero.
+    tiny_conf["training"]["max_minutes"] = 60
+    train(tiny_conf, tiny_data, exp_dir)
+    assert best_model_infos(exp_dir)["stop_reason"] == "max epochs"
+    assert last_checkpoint(exp_dir)["callbacks"]["Timer"]["time_elapsed"]["train"] > elapsed
+
+
+def test_nan_batch_is_skipped_and_reported(tiny_conf, tmp_path):
+    data_dir = tmp_path / "data"
+    write_tiny_bsd(data_dir, nan_mixtures=("tr01",))
+    tiny_conf["training"]["batch_size"] = 1
+    with pytest.warns(BadBatchWarning, match=r"batch \d+ \(mixtures tr01\): batch skipped"):
+        train(tiny_conf, data_dir, tmp_path / "exp")
+    infos = best_model_infos(tmp_path / "exp")
+    assert infos["bad_batches_skipped"] == 1 and np.isfinite(infos["best_val_loss"])
+    # Trained on, one NaN batch would have made every weight NaN (through the gradient clip).
+    assert all(torch.isfinite(p).all() for p in load_best_model(tmp_path / "exp").parameters())
+
+
+def test_bad_batches_in_a_row_stop_training(tiny_conf, tmp_path):
+    data_dir = tmp_path / "data"
+    write_tiny_bsd(data_dir, nan_mixtures=tuple(f"tr{i:02d}" for i in range(N_TRAIN)))
+    tiny_conf["training"]["max_bad_batches"] = 2
+    with pytest.warns(BadBatchWarning), pytest.raises(RuntimeError, match="2 training batches in a row"):
+        train(tiny_conf, data_dir, tmp_path / "exp")
+    assert not (tmp_path / "exp" / "best_model.pth").exists()
+
+
+def test_cpu_preset_has_the_keys_of_conf_yml(repo_root):
+    conf, cpu = read_conf(repo_root / "conf.yml"), read_conf(repo_root / "conf_cpu.yml")
+    assert {s: sorted(v) for s, v in cpu.items()} == {s: sorted(v) for s, v in conf.items()}
+    # The presets share one data set: the sections that define it are equal.
+    assert all(cpu[s] == conf[s] for s in ("common", "download", "clips", "mixtures"))
+    assert sum(p.numel() for p in make_model(cpu).parameters()) < \
+        sum(p.numel() for p in make_model(conf).parameters())
