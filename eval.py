@@ -25,6 +25,7 @@ from tqdm import tqdm
 from local.bsd_dataset import BSDDataset, split_csv
 from local.metrics import (ORACLE_MASKS, SDR_BACKENDS, oracle_estimates, score_estimates,
                            stft_sizes)
+from model import load_best_model
 from utils.atomic import atomic_path, atomic_write_text
 from utils.audio import write_wav
 from utils.config import Conf, ConfError, parse_stage_args, read_conf
@@ -38,13 +39,6 @@ ORACLE_SUMMARY_METRICS = ("si_sdr", "si_sdr_imp", "sdr", "sdr_imp")
 ORACLE_TITLES = {"ibm": "IBM", "irm": "IRM", "wiener": "Wiener"}
 
 Separator = Callable[[torch.Tensor], np.ndarray]
-
-
-def _load_model(exp_dir: Path) -> torch.nn.Module:
-    """The experiment's best model (<exp_dir>/best_model.pth) in eval mode."""
-    from model import load_best_model
-
-    return load_best_model(exp_dir)
 
 
 def _model_separator(model: torch.nn.Module) -> Separator:
@@ -207,7 +201,7 @@ def evaluate(conf: Conf, data_dir: str | Path, exp_dir: str | Path) -> dict:
     if dataset.n_src != n_src:
         raise ConfError(f"{csv_path} has {dataset.n_src} sources, the model {n_src} (--n_src)")
 
-    model = _load_model(exp_dir)
+    model = load_best_model(exp_dir)
     if getattr(model, "sample_rate", sample_rate) != sample_rate:
         raise ConfError(f"model trained at {model.sample_rate} Hz, data at {sample_rate} Hz "
                         "(--sample_rate)")

@@ -37,6 +37,7 @@ from scipy.optimize import linear_sum_assignment
 from scipy.signal import resample_poly
 from tqdm import tqdm
 
+from model import load_best_model
 from utils.atomic import atomic_path
 from utils.audio import AudioError
 from utils.config import ConfError, apply_overrides, parse_stage_args
@@ -50,27 +51,6 @@ class SeparationFailures(RuntimeError):
         self.failed = failed
         super().__init__(f"{len(failed)} input(s) failed:\n" +
                          "\n".join(f"  {reason}" for reason in failed.values()))
-
-
-def _load_model(exp_dir: str | Path) -> torch.nn.Module:
-    """The experiment's best model in eval mode.
-
-    Goes through model.load_best_model; until model.py provides it, falls back to asteroid's
-    loader of the serialised best_model.pth (TEMPORARY fallback, to be removed)."""
-    exp_dir = Path(exp_dir)
-    try:
-        from model import load_best_model
-    except ImportError:
-        load_best_model = None
-    if load_best_model is not None:
-        return load_best_model(exp_dir)
-    from asteroid.models import ConvTasNet
-
-    path = exp_dir / "best_model.pth"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: train a model first (run.sh stage 3)")
-    model = ConvTasNet.from_pretrained(str(path))
-    return model.eval()
 
 
 class StreamingResampler:
@@ -342,7 +322,7 @@ def separate_files(exp_dir: str | Path, files: Sequence[str | Path], out_dir: st
     """
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = _load_model(exp_dir).to(device).eval()
+    model = load_best_model(exp_dir).to(device).eval()
     written: list[Path] = []
     failed: dict[Path, str] = {}
     stems: dict[str, Path] = {}

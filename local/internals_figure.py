@@ -204,10 +204,10 @@ def make_figure(exp_dir: str | Path, max_s: float, csv: str | Path | None = None
                 mixture_id: str | None = None, wav: str | Path | None = None,
                 out_png: str | Path | None = None) -> Path:
     """Load the experiment's model and one mixture (BSD csv + id, or a wav); plot."""
-    from separate import _load_model  # the recipe's one model loader
+    from model import load_best_model
 
     exp_dir = Path(exp_dir)
-    model = _load_model(exp_dir)
+    model = load_best_model(exp_dir)
     sample_rate = int(model.sample_rate)
     if wav is not None:
         name, mixture, references = Path(wav).stem, load_audio(wav, sample_rate), None

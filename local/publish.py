@@ -273,9 +273,9 @@ def publish(exp_dir: str | Path, data_dir: str | Path, out_dir: str | Path) -> P
     metrics_path = exp_dir / "eval" / "final_metrics.json"
     metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else None
 
-    from separate import _load_model  # the recipe's one model loader
+    from model import load_best_model
 
-    model_dict = _load_model(exp_dir).serialize()
+    model_dict = load_best_model(exp_dir).serialize()
     # torch.load(weights_only=True), which from_pretrained uses, refuses TorchVersion objects.
     versions = {k: str(v) for k, v in model_dict["infos"]["software_versions"].items()}
     model_dict["infos"]["software_versions"] = versions
