@@ -21,3 +21,19 @@ def xc_dump() -> Path:
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
     return REPO_ROOT
+
+
+# A Conv-TasNet small enough for CPU tests (model-section keys of conf.yml).
+TINY_MODEL = dict(n_filters=16, kernel_size=16, bn_chan=8, hid_chan=16, skip_chan=8,
+                  conv_kernel_size=3, n_blocks=2, n_repeats=1)
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """CI has 2 cores shared by pytest and its subprocesses: one torch thread per test."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

@@ -11,13 +11,12 @@ import soundfile as sf
 import torch
 
 import eval as eval_stage
+from conftest import TINY_MODEL
 from model import make_model
 from utils.audio import write_wav
 from utils.config import apply_overrides, read_conf, write_conf
 
 SR = 8000
-TINY_MODEL = {"n_filters": "16", "kernel_size": "16", "bn_chan": "8", "hid_chan": "16",
-              "skip_chan": "8", "n_blocks": "2", "n_repeats": "1"}
 # (source 1 band, source 2 band, source 2 level relative to source 1, duration in s)
 MIXTURES = [((300, 1200), (2200, 3600), 0.5, 1.0),
             ((2000, 3500), (200, 1000), 1.0, 0.75),
@@ -71,7 +70,7 @@ def tiny_exp(tmp_path_factory, repo_root) -> Path:
     """exp/<tag>/ with a resolved conf.yml and a tiny (untrained) serialised Conv-TasNet."""
     exp_dir = tmp_path_factory.mktemp("exp") / "tiny"
     conf = apply_overrides(read_conf(repo_root / "conf.yml"),
-                           {**TINY_MODEL, "n_src": "2", "sample_rate": str(SR), "n_save_examples": "2"})
+                           {**{k: str(v) for k, v in TINY_MODEL.items()}, "n_src": "2", "sample_rate": str(SR), "n_save_examples": "2"})
     write_conf(conf, exp_dir / "conf.yml")
     torch.manual_seed(0)
     torch.save(make_model(conf).serialize(), exp_dir / "best_model.pth")
@@ -87,7 +86,6 @@ def si_snr_db(estimate: np.ndarray, reference: np.ndarray) -> float:
 
 
 def test_eval_end_to_end(tiny_bsd, tiny_exp):
-    torch.set_num_threads(1)
     data_dir, expected_input = tiny_bsd
     # Thin CLI: the conf defaults to <exp_dir>/conf.yml; overrides apply on top of it.
     metrics = eval_stage.main(["--data_dir", str(data_dir), "--exp_dir", str(tiny_exp),
@@ -139,7 +137,6 @@ def test_eval_end_to_end(tiny_bsd, tiny_exp):
 
 def test_mir_eval_backend_agrees(tiny_bsd, tiny_exp, tmp_path):
     """The slow reference path (--sdr_backend mir_eval) gives the same SDRs, without oracles."""
-    torch.set_num_threads(1)
     data_dir, _ = tiny_bsd
     exp_dir = tmp_path / "tiny"
     exp_dir.mkdir()

@@ -114,7 +114,6 @@ def test_unknown_sdr_backend():
 
 
 def test_oracle_masks_separate_disjoint_bands():
-    torch.set_num_threads(1)
     rng = np.random.default_rng(4)
     n = 2 * SR
     references = np.stack([band_noise(rng, n, 300, 1200), 0.5 * band_noise(rng, n, 2200, 3600)])

@@ -8,11 +8,10 @@ import torch
 from asteroid.losses import PITLossWrapper, pairwise_neg_sisdr
 from asteroid.models import ConvTasNet
 
+from conftest import TINY_MODEL
 from model import BirdConvTasNet, load_best_model, make_model, make_model_and_optimizer
 from utils.config import ConfError, read_conf
 
-TINY_MODEL = dict(n_filters=16, kernel_size=16, bn_chan=8, hid_chan=16, skip_chan=8,
-                  conv_kernel_size=3, n_blocks=2, n_repeats=1)
 
 
 @pytest.fixture
@@ -20,14 +19,6 @@ def tiny_conf(repo_root):
     conf = read_conf(repo_root / "conf.yml")
     conf["model"].update(TINY_MODEL)
     return conf
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 VARIANTS = list(itertools.product(["linear", "relu", "pinv"], ["sigmoid", "softmax"],

@@ -11,24 +11,16 @@ import soundfile as sf
 import torch
 from asteroid.models import ConvTasNet
 
+from conftest import TINY_MODEL
 from local import internals_figure, publish
 from local.internals_figure import make_figure, plot_internals, upgma_order
 from local.publish import PublishError, licence_info
 from utils.config import read_conf, write_conf
 
 SR = 8000
-TINY = dict(n_src=2, n_filters=16, kernel_size=16, bn_chan=8, hid_chan=16, skip_chan=8,
-            n_blocks=2, n_repeats=1, sample_rate=SR)
+TINY = dict(n_src=2, **TINY_MODEL, sample_rate=SR)
 NC_SA = "//creativecommons.org/licenses/by-nc-sa/4.0/"
 BY = "https://creativecommons.org/licenses/by/4.0/"
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture

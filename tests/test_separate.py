@@ -10,6 +10,8 @@ import soundfile as sf
 import torch
 from asteroid.models import ConvTasNet
 
+from conftest import TINY_MODEL
+
 import separate
 from separate import (OverlapAddSeparator, SeparationFailures, StreamingResampler,
                       separate_array, separate_files)
@@ -17,16 +19,7 @@ from utils.audio import resample
 from utils.config import read_conf, write_conf
 
 SR = 8000
-TINY = dict(n_src=2, n_filters=16, kernel_size=16, bn_chan=8, hid_chan=16, skip_chan=8,
-            n_blocks=2, n_repeats=1, sample_rate=SR)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # other jobs share the 2 cores
-    yield
-    torch.set_num_threads(threads)
+TINY = dict(n_src=2, **TINY_MODEL, sample_rate=SR)
 
 
 def tiny_model(seed: int = 0, **kwargs) -> ConvTasNet:

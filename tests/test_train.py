@@ -12,6 +12,7 @@ import soundfile as sf
 import torch
 from asteroid.models import ConvTasNet
 
+from conftest import TINY_MODEL
 from model import load_best_model, make_model
 from train import BadBatchWarning, main, train
 from utils.config import ConfError, read_conf, write_conf
@@ -62,19 +63,10 @@ def tiny_data(tmp_path_factory) -> Path:
 @pytest.fixture
 def tiny_conf(repo_root):
     conf = read_conf(repo_root / "conf.yml")
-    conf["model"].update(n_filters=16, kernel_size=16, bn_chan=8, hid_chan=16, skip_chan=8,
-                         n_blocks=2, n_repeats=1)
+    conf["model"].update(TINY_MODEL)
     conf["training"].update(epochs=1, batch_size=BATCH, num_workers=0, segment_s=1.0, save_top_k=2,
                             checkpoint_every_n_steps=1, max_minutes=0, accelerator="cpu", devices=1)
     return conf
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def last_checkpoint(exp_dir: Path) -> dict:
