@@ -138,10 +138,10 @@ def _make_loaders(conf: Conf, data_dir: str | Path) -> tuple[DataLoader, DataLoa
     n_src, sample_rate = conf["model"]["n_src"], conf["clips"]["sample_rate"]
     t = conf["training"]
     train_set = BSDDataset(split_csv(data_dir, n_src, "tr"), sample_rate, segment_s=t["segment_s"],
-                           return_id=True)
+                           return_id=True, min_source_share=t["min_source_share"])
     # Fixed windows, so that val_loss moves only with the model.
     val_set = BSDDataset(split_csv(data_dir, n_src, "cv"), sample_rate, segment_s=t["segment_s"],
-                         random_segments=False)
+                         random_segments=False, min_source_share=t["min_source_share"])
     for dataset in (train_set, val_set):
         if dataset.n_src != n_src:
             raise ConfError(f"{dataset.csv_path} has {dataset.n_src} sources, --n_src is {n_src}")

@@ -21,14 +21,15 @@ class BSDDataset(Dataset):
     """Mixtures and their references.
 
     Returns `(mixture[time], sources[n_src, time])`, or with `return_id=True`
-    `(mixture, sources, mixture_id)`. With `segment_s`, each item is a random `segment_s`
-    window (fixed window per item when `random_segments=False`); mixtures shorter than a
-    segment are zero-padded at the end, which PIT SI-SNR tolerates. Without `segment_s`
-    items are full length (evaluation).
+    `(mixture, sources, mixture_id)`. With `segment_s`, each item is a `segment_s` window in
+    which every source holds at least `min_source_share` of its energy (drawn at random, or
+    fixed per item when `random_segments=False`); mixtures shorter than a segment are
+    zero-padded at the end. Without `segment_s` items are full length (evaluation).
     """
 
     def __init__(self, csv_path: str | Path, sample_rate: int, segment_s: float | None = None,
-                 return_id: bool = False, random_segments: bool = True):
+                 return_id: bool = False, random_segments: bool = True,
+                 min_source_share: float = 0.0):
         self.csv_path = Path(csv_path)
         if not self.csv_path.is_file():
             raise FileNotFoundError(f"{self.csv_path} not found: run stage 2 (local/mixtures.py) first")
@@ -44,6 +45,7 @@ class BSDDataset(Dataset):
         self.segment = None if segment_s is None else int(round(segment_s * sample_rate))
         self.return_id = return_id
         self.random_segments = random_segments
+        self.min_source_share = min_source_share
 
     def __len__(self) -> int:
         return len(self.df)
@@ -57,16 +59,12 @@ class BSDDataset(Dataset):
 
     def __getitem__(self, idx: int):
         row = self.df.iloc[idx]
-        length = int(row["length"])
-        start, stop = 0, None
-        if self.segment is not None and length > self.segment:
-            if self.random_segments:
-                start = int(np.random.randint(0, length - self.segment + 1))
-            else:
-                start = (length - self.segment) // 2
-            stop = start + self.segment
-        mixture = self._read(row["mixture_path"], start, stop)
-        sources = np.stack([self._read(row[c], start, stop) for c in self.source_columns])
+        mixture = self._read(row["mixture_path"], 0, None)
+        sources = np.stack([self._read(row[c], 0, None) for c in self.source_columns])
+        if self.segment is not None and mixture.shape[0] > self.segment:
+            start = self._segment_start(sources)
+            mixture = mixture[start:start + self.segment]
+            sources = sources[:, start:start + self.segment]
         if self.segment is not None and mixture.shape[0] < self.segment:
             pad = self.segment - mixture.shape[0]
             mixture = np.pad(mixture, (0, pad))
@@ -75,3 +73,24 @@ class BSDDataset(Dataset):
         if self.return_id:
             return mixture_t, sources_t, str(row["mixture_id"])
         return mixture_t, sources_t
+
+    def _segment_start(self, sources: np.ndarray) -> int:
+        """Start of a training window in which every source is heard.
+
+        Bird clips are short and mostly padded or sparse, so a window drawn blindly often holds
+        one source only; its silent reference makes SI-SNR meaningless (the loss then only
+        rewards matching the padding). A window qualifies when it holds at least
+        `min_source_share` of each source's energy; one is drawn at random among those (or, for
+        fixed windows, the one whose worst-covered source is best covered is taken).
+        """
+        n_starts = sources.shape[1] - self.segment + 1
+        energy = np.concatenate([np.zeros((self.n_src, 1)),
+                                 np.cumsum(np.square(sources, dtype=np.float64), axis=1)], axis=1)
+        inside = (energy[:, self.segment:] - energy[:, :n_starts]) / (energy[:, -1:] + 1e-12)
+        worst_share = inside.min(axis=0)
+        if not self.random_segments:
+            return int(worst_share.argmax())
+        candidates = np.flatnonzero(worst_share >= self.min_source_share)
+        if candidates.size == 0:
+            return int(worst_share.argmax())
+        return int(candidates[np.random.randint(candidates.size)])
