@@ -13,8 +13,8 @@ from typing import Any
 
 import torch
 from asteroid.engine.optimizers import make_optimizer
-from asteroid.models import ConvTasNet
 
+from fast_tasnet import FastConvTasNet
 from utils.config import Conf, ConfError
 
 ENCODER_VARIANTS = ("linear", "relu", "pinv")
@@ -22,32 +22,15 @@ ENCODER_VARIANTS = ("linear", "relu", "pinv")
 CAUSAL_NORMS = ("cLN", "cgLN")
 
 
-class BirdConvTasNet(ConvTasNet):
-    """asteroid's ConvTasNet that also serialises `who_is_pinv`.
+class BirdConvTasNet(FastConvTasNet):
+    """The recipe's Conv-TasNet: fast_tasnet's drop-in ConvTasNet (same arguments and state
+    dict as asteroid's, serialised as "ConvTasNet" with `who_is_pinv` kept, so a pseudo-inverse
+    decoder reloads as one, also through `asteroid.models.ConvTasNet.from_pretrained`).
 
     A pseudo-inverse decoder shares the encoder's filterbank, so its state dict has exactly the
     layout of a free decoder and would load into a plain ConvTasNet without complaint, then run
-    with the wrong decoder. asteroid's `get_model_args` does not record `who_is_pinv`; this class
-    adds it. `who_is_pinv` is also a keyword that plain `ConvTasNet.__init__` forwards to
-    `make_enc_dec`, so `asteroid.models.ConvTasNet.from_pretrained(path)` rebuilds the
-    pseudo-inverse decoder too (it falls back to ConvTasNet because "BirdConvTasNet" is not
-    registered with asteroid).
+    with the wrong decoder: hence `who_is_pinv` in the model args.
     """
-
-    def __init__(self, *args: Any, who_is_pinv: str | None = None, **kwargs: Any):
-        super().__init__(*args, who_is_pinv=who_is_pinv, **kwargs)
-        self.who_is_pinv = who_is_pinv
-
-    def get_model_args(self) -> dict[str, Any]:
-        return {**super().get_model_args(), "who_is_pinv": self.who_is_pinv}
-
-    def serialize(self) -> dict[str, Any]:
-        model_conf = super().serialize()
-        # asteroid stores torch.__version__ as a TorchVersion object, which torch.load's default
-        # weights_only=True (torch >= 2.6, used by from_pretrained) refuses to unpickle.
-        versions = model_conf["infos"]["software_versions"]
-        model_conf["infos"]["software_versions"] = {k: str(v) for k, v in versions.items()}
-        return model_conf
 
     @property
     def encoder_variant(self) -> str:
@@ -91,9 +74,19 @@ def model_kwargs(conf: Conf) -> dict[str, Any]:
     )
 
 
+IMPLEMENTATIONS = ("fast", "stock")
+
+
 def make_model(conf: Conf) -> BirdConvTasNet:
     """The one place a separation model is built from a conf."""
-    return BirdConvTasNet(**model_kwargs(conf))
+    implementation = conf["model"]["implementation"]
+    if implementation not in IMPLEMENTATIONS:
+        raise ConfError(f"--implementation {implementation!r}: expected one of "
+                        f"{', '.join(IMPLEMENTATIONS)}")
+    model = BirdConvTasNet(**model_kwargs(conf))
+    # Same weights and results either way; "stock" runs asteroid's own forward.
+    model.impl = "auto" if implementation == "fast" else "stock"
+    return model
 
 
 def make_model_and_optimizer(conf: Conf) -> tuple[BirdConvTasNet, torch.optim.Optimizer]:
@@ -113,6 +106,5 @@ def load_best_model(exp_dir: str | Path) -> BirdConvTasNet:
     path = Path(exp_dir) / "best_model.pth"
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: train first (stage 3, train.py)")
-    # from_pretrained needs a str: anything else is taken for an already-loaded dict.
     model = BirdConvTasNet.from_pretrained(str(path))
     return model.eval()

@@ -2,6 +2,9 @@
 # BirdSep: Conv-TasNet separation of overlapping bird sounds (asteroid-style recipe).
 set -euo pipefail
 cd "$(dirname "$0")"
+# Idle OpenMP threads sleep instead of spinning: on a busy 2-core machine spinning threads
+# made a training step up to 5x slower (measured with local/benchmark.py).
+export OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-PASSIVE}"
 
 cmdline="$0 $(printf '%q ' "$@")"
 

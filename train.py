@@ -46,7 +46,7 @@ from utils.stage_marker import clear_done, is_done, mark_done
 
 # Keys that may differ between a run and its resumption: how long and on what hardware to train.
 # Any other difference means a different experiment and is refused.
-RESUMABLE_KEYS = {"epochs", "max_minutes", "early_stop", "patience", "num_workers", "num_threads",
+RESUMABLE_KEYS = {"implementation", "epochs", "max_minutes", "early_stop", "patience", "num_workers", "num_threads",
                   "accelerator", "devices", "strategy", "precision", "save_top_k",
                   "checkpoint_every_n_steps", "max_bad_batches"}
 # The conf sections this stage reads (besides common.seed and clips.sample_rate).

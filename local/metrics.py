@@ -74,9 +74,17 @@ def bss_sdr(estimate_sets: np.ndarray, references: np.ndarray, backend: str,
         row_of = np.array([unique_index.setdefault(row.tobytes(), len(unique_index)) for row in flat])
         unique = flat[np.unique(row_of, return_index=True)[1]]
         # (n_ref, n_unique): SDR of every distinct estimate against every reference.
-        sdr_all = -fast_bss_eval.sdr_loss(torch.from_numpy(unique).to(device),
-                                          torch.from_numpy(references).to(device),
-                                          filter_length=BSS_EVAL_FILTER_LENGTH, pairwise=True)
+        # Batched float64 torch.linalg.solve fails on more than one CPU thread in this torch
+        # build (pytorch/pytorch#142815, reproduced here): solve on one thread.
+        threads = torch.get_num_threads()
+        if torch.device(device).type == "cpu":
+            torch.set_num_threads(1)
+        try:
+            sdr_all = -fast_bss_eval.sdr_loss(torch.from_numpy(unique).to(device),
+                                              torch.from_numpy(references).to(device),
+                                              filter_length=BSS_EVAL_FILTER_LENGTH, pairwise=True)
+        finally:
+            torch.set_num_threads(threads)
         sdr_all = sdr_all.cpu().numpy()
         ref_index = np.tile(np.arange(n_src), n_sets)
         return sdr_all[ref_index, row_of.reshape(-1)].reshape(n_sets, n_src)

@@ -102,7 +102,9 @@ def test_best_model_round_trip(tiny_conf, tmp_path, encoder):
         assert isinstance(ours, BirdConvTasNet) and not ours.training
         for loaded in (ours, theirs):
             assert loaded.decoder.is_pinv == (encoder == "pinv")
-            assert torch.equal(loaded(mixture), expected)
+        assert torch.equal(ours(mixture), expected)
+        # asteroid's forward and the fast one differ only by float rounding.
+        assert torch.allclose(theirs(mixture), expected, rtol=1e-4, atol=1e-6)
         if encoder == "pinv":
             # What the stored who_is_pinv prevents: the state dict of a pinv model also loads
             # into a free decoder, without error, and separates differently.

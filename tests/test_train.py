@@ -94,8 +94,10 @@ def test_train_writes_exp_layout_resumes_and_skips_when_done(tiny_conf, tiny_dat
     # The best checkpoint's weights, in asteroid's format: both loaders agree.
     mixture = torch.randn(1, SAMPLE_RATE)
     with torch.no_grad():
-        assert torch.equal(load_best_model(exp_dir)(mixture),
-                           ConvTasNet.from_pretrained(str(best)).eval()(mixture))
+        # asteroid's own loader reads it too (its forward differs from the fast one by rounding).
+        assert torch.allclose(load_best_model(exp_dir)(mixture),
+                              ConvTasNet.from_pretrained(str(best)).eval()(mixture),
+                              rtol=1e-4, atol=1e-6)
     assert "train:" in capsys.readouterr().out  # the one-line summary
 
     # More epochs through the command line: resumes from last.ckpt instead of starting over.

@@ -1,0 +1,921 @@
+"""Conv-TasNet that trains and separates several times faster on CPU than asteroid's, with the
+same parameters.
+
+`FastConvTasNet` is asteroid's `ConvTasNet` (same constructor, same submodules, same
+state-dict keys, same `serialize()` format) whose forward pass reads those parameters through a
+faster implementation:
+
+* Everything runs channels-last, `(batch, frames, channels)`, so each 1x1 convolution is a
+  plain matrix product over `batch * frames` rows; the encoder is unfold + matmul and the
+  decoder matmul + overlap-add.
+* The norm before a 1x1 convolution is folded into it: gain into the weights, bias into the
+  output bias, and the mean / scale of the norm applied to the (narrower) product.  With gLN
+  (statistics per item) the first norm of a block also folds into the depthwise taps, and the
+  residual and skip outputs accumulate inside the GEMMs (`addmm_` with a per-item scale).
+* The depthwise dilated convolution is the sum of its taps, `y[t] = b + sum_k w_k x[t + o_k]`,
+  computed as multiply-adds on shifted slices (asteroid's depthwise conv backward is slow).
+* On CPU in float32 each TCN block is one `torch.autograd.Function` with a hand-written
+  backward that keeps three activations per block (asteroid's autograd keeps about a dozen),
+  reuses scratch buffers instead of allocating, and computes its reductions with torch's
+  cascade sums in chunks (long BLAS dot products would lose digits).  Without autograd
+  (inference) two buffers serve all blocks.
+* Elsewhere (CUDA, autocast, float64 unless `impl="function"`) the same channels-last
+  formulation runs on plain autograd operators, with gLN statistics in float32 or better.
+
+Variants the fast path does not cover (norms other than gLN/cLN, filterbanks other than the
+free one, multi-channel input, a masker other than TDConvNet) run asteroid's own modules, so the
+model is never wrong, only slower.  Checkpoints load both ways with `strict=True`;
+`serialize()` writes `model_name="ConvTasNet"` (and `who_is_pinv`), so asteroid's
+`ConvTasNet.from_pretrained` loads it; `FastConvTasNet.from_pretrained` loads either.
+Speed and parity figures: `python -m local.benchmark`.
+"""
+from __future__ import annotations
+
+import os
+import threading
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from asteroid.masknn import norms
+from asteroid.masknn.convolutional import TDConvNet, _Chop1d
+from asteroid.models import ConvTasNet
+from asteroid.utils.hub_utils import cached_download
+from asteroid.utils.torch_utils import pad_x_to_y
+from asteroid_filterbanks import FreeFB
+
+# asteroid's norms add this to the variance (norms.GlobLN / ChanLN default EPS).
+NORM_EPS = 1e-8
+# Element count of the temporary products summed chunk by chunk (bounded scratch memory).
+_CHUNK_ELEMS = 1 << 20
+IMPLEMENTATIONS = ("auto", "function", "autograd", "stock")
+
+
+class _Workspace(threading.local):
+    """Scratch buffers reused across blocks and steps (fresh allocations of large tensors cost
+    page faults that can exceed the arithmetic).  Per thread; only for temporaries that never
+    leave the function that borrowed them."""
+
+    def __init__(self):
+        self.buffers = {}
+
+    def get(self, name: str, shape, like: torch.Tensor) -> torch.Tensor:
+        numel = 1
+        for size in shape:
+            numel *= size
+        # Tensors made under inference_mode cannot be updated outside it: separate buffers.
+        key = (name, like.dtype, like.device, torch.is_inference_mode_enabled())
+        buf = self.buffers.get(key)
+        if buf is None or buf.numel() < numel:
+            buf = torch.empty(numel, dtype=like.dtype, device=like.device)
+            self.buffers[key] = buf
+        return buf[:numel].view(shape)
+
+
+_WORKSPACE = _Workspace()
+
+
+def release_workspace() -> None:
+    """Free the scratch buffers of the calling thread."""
+    _WORKSPACE.buffers.clear()
+
+
+# ----------------------------------------------------------------------------------------------
+# Norm statistics on channels-last tensors.  gLN: one group per item (frames x channels);
+# cLN: one group per frame (channels).  Statistics are shaped to broadcast against (B, T, C).
+# ----------------------------------------------------------------------------------------------
+def _group_view(x: torch.Tensor, kind: str) -> torch.Tensor:
+    batch, frames, chans = x.shape
+    return x.reshape(batch, frames * chans) if kind == "gLN" else x.reshape(batch * frames, chans)
+
+
+def _stat_shape(x: torch.Tensor, kind: str) -> tuple:
+    batch, frames, _ = x.shape
+    return (batch, 1, 1) if kind == "gLN" else (batch, frames, 1)
+
+
+def _norm_stats(x: torch.Tensor, kind: str, eps: float = NORM_EPS):
+    """Mean and 1/sqrt(var + eps) per norm group (biased variance, as asteroid), two-pass:
+    cascade sums of x, then of (x - mean)^2 (BLAS-style long sums lose digits)."""
+    n = x.shape[-1] * (x.shape[1] if kind == "gLN" else 1)
+    mean = (_group_view(x, kind).sum(1) / n).view(_stat_shape(x, kind))
+    var = (_rows_dot(x, None, kind) / n - mean * mean).clamp_min_(0)
+    return mean, (var + eps).rsqrt_()
+
+
+def _group_sum(x: torch.Tensor, kind: str) -> torch.Tensor:
+    """Sum of a (B, T) per-frame quantity over each norm group, shaped like the statistics."""
+    return x.sum(1).view(-1, 1, 1) if kind == "gLN" else x.unsqueeze(-1)
+
+
+def _sum_over_time_of_product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """sum_t a[:, t, :] * b[:, t, :] -> (B, C), chunk by chunk (never the whole product in
+    memory)."""
+    batch, frames, chans = a.shape
+    step = min(frames, max(1, _CHUNK_ELEMS // max(1, batch * chans)))
+    total = None
+    for start in range(0, frames, step):
+        stop = min(frames, start + step)
+        prod = _WORKSPACE.get("product", (batch, stop - start, chans), a)
+        part = torch.mul(a[:, start:stop], b[:, start:stop], out=prod).sum(1)
+        total = part if total is None else total.add_(part)
+    return total
+
+
+def _negative_part_dot(grad: torch.Tensor, x: torch.Tensor) -> float:
+    """sum(grad * min(x, 0)) (the gradient of a PReLU slope).  Chunk by chunk with torch's
+    cascade sums: the terms cancel, and a long float32 dot product (BLAS) loses digits."""
+    g, v = grad.reshape(-1), x.reshape(-1)
+    total = 0.0
+    for start in range(0, v.numel(), _CHUNK_ELEMS):
+        stop = start + _CHUNK_ELEMS
+        chunk = v[start:stop]
+        prod = torch.clamp(chunk, max=0, out=_WORKSPACE.get("product", chunk.shape, chunk))
+        total += float(prod.mul_(g[start:stop]).sum())
+    return total
+
+
+def _rows_dot(a: torch.Tensor, b: Optional[torch.Tensor], kind: str) -> torch.Tensor:
+    """Per norm group, sum of a * b (b=None: a^2) over (B, T, C) tensors, shaped like the
+    statistics.  Chunk by chunk with torch's cascade sums (a BLAS dot product accumulates
+    millions of float32 terms in a few running sums and loses digits)."""
+    batch, frames, chans = a.shape
+    step = min(frames, max(1, _CHUNK_ELEMS // max(1, batch * chans)))
+    total = a.new_zeros(batch) if kind == "gLN" else a.new_empty(batch, frames)
+    for start in range(0, frames, step):
+        stop = min(frames, start + step)
+        prod = _WORKSPACE.get("product", (batch, stop - start, chans), a)
+        part = a[:, start:stop]
+        torch.mul(part, part if b is None else b[:, start:stop], out=prod)
+        if kind == "gLN":
+            total += prod.view(batch, -1).sum(1)
+        else:
+            total[:, start:stop] = prod.sum(-1)
+    return total.view(batch, 1, 1) if kind == "gLN" else total.unsqueeze(-1)
+
+
+# ----------------------------------------------------------------------------------------------
+# "norm -> 1x1 conv" with the norm folded into the product:
+#   z = rstd * (q @ W'^T) + b' - rstd * mean * rowsum(W'),  W' = W * gamma,  b' = b + W @ beta
+# ----------------------------------------------------------------------------------------------
+def fold_norm_into_linear(weight: torch.Tensor, bias: torch.Tensor, gamma: torch.Tensor,
+                          beta: torch.Tensor):
+    """Weights of `linear(norm_affine(x))` as `linear'(normalised x)` (differentiable)."""
+    return weight * gamma, bias + weight @ beta
+
+
+def _norm_linear_forward(q: torch.Tensor, w: torch.Tensor, b: torch.Tensor, kind: str):
+    batch, frames, chans = q.shape
+    mean, rstd = _norm_stats(q, kind)
+    z = torch.mm(q.reshape(-1, chans), w.t()).view(batch, frames, -1)
+    shift_rows = rstd * mean
+    if kind == "gLN":
+        torch.addcmul(b - shift_rows * w.sum(1), z, rstd, out=z)
+    else:
+        z.mul_(rstd).add_(b)
+        z.view(-1, z.shape[-1]).addr_(shift_rows.view(-1), w.sum(1), alpha=-1)
+    return z, mean, rstd
+
+
+def _norm_linear_backward(grads, q: torch.Tensor, w: torch.Tensor, mean: torch.Tensor,
+                          rstd: torch.Tensor, kind: str):
+    """Gradients of `_norm_linear_forward` w.r.t. q (new tensor), w and b.
+
+    `grads`: gradients of consecutive column ranges of z (None for an unused range)."""
+    batch, frames, chans = q.shape
+    n = chans * (frames if kind == "gLN" else 1)
+    out_chans = w.shape[0]
+    w_sum = w.sum(1)
+    scaled = q.new_empty(batch, frames, out_chans)           # rstd * dz
+    grad_b = q.new_zeros(out_chans)
+    g_dot_s = q.new_zeros(batch, frames)                       # dz . rowsum(W')
+    col = 0
+    for grad in grads:
+        width = grad.shape[-1]
+        cols = slice(col, col + width)
+        torch.mul(grad, rstd, out=scaled[..., cols])
+        grad_b[cols] = grad.sum((0, 1))
+        g_dot_s += torch.matmul(grad, w_sum[cols])
+        col += width
+    scaled2d = scaled.view(-1, out_chans)
+    grad_w = torch.mm(scaled2d.t(), q.reshape(-1, chans))
+    grad_w -= torch.mv(scaled2d.t(), mean.expand(batch, frames, 1).reshape(-1)).unsqueeze(1)
+    grad_q = torch.mm(scaled2d, w).view(batch, frames, chans)
+    g_dot_s = _group_sum(g_dot_s, kind)
+    # d rstd = sum_o dz (y - mean rowsum(W')) = sum_h q (dz @ W') - mean (dz . rowsum(W'))
+    grad_rstd = _rows_dot(q, grad_q, kind) / rstd - mean * g_dot_s
+    grad_mean = -rstd * g_dot_s
+    slope = (-rstd.pow(3) / n) * grad_rstd                     # 2 * dvar / n
+    grad_q.addcmul_(q, slope).add_(grad_mean / n - slope * mean)
+    return grad_q, grad_w, grad_b
+
+
+# ----------------------------------------------------------------------------------------------
+# Depthwise dilated convolution as a sum of shifted taps: y[t] = b + sum_k w[:, k] x[t + o_k].
+# ----------------------------------------------------------------------------------------------
+def _tap_slices(offset: int, frames: int):
+    """(output slice, input slice) along time for one tap, or None when it never overlaps."""
+    if abs(offset) >= frames:
+        return None
+    if offset >= 0:
+        return slice(0, frames - offset), slice(offset, frames)
+    return slice(-offset, frames), slice(0, frames + offset)
+
+
+def _depthwise(x: torch.Tensor, taps: torch.Tensor, bias: Optional[torch.Tensor], offsets,
+               out: Optional[torch.Tensor] = None, accumulate: bool = False) -> torch.Tensor:
+    """taps: (P, C), or (P, B, 1, C) for per-item taps; offsets: P ints.
+    With `accumulate`, the taps are added to `out` (bias ignored)."""
+    frames = x.shape[1]
+    first = offsets.index(0) if 0 in offsets and not accumulate else None
+    if out is None:
+        out = torch.empty_like(x)
+    if accumulate:
+        pass
+    elif first is not None:
+        if bias is None:
+            torch.mul(x, taps[first], out=out)
+        else:
+            torch.addcmul(bias, x, taps[first], out=out)
+    else:
+        out.zero_()
+        if bias is not None:
+            out.add_(bias)
+    for k, offset in enumerate(offsets):
+        sl = _tap_slices(offset, frames)
+        if k == first or sl is None:
+            continue
+        out[:, sl[0]].addcmul_(x[:, sl[1]], taps[k])
+    return out
+
+
+def _depthwise_weight_grad(grad: torch.Tensor, x: torch.Tensor, offsets) -> torch.Tensor:
+    """(P, C) gradient of the taps."""
+    frames = x.shape[1]
+    rows = []
+    for offset in offsets:
+        sl = _tap_slices(offset, frames)
+        if sl is None:
+            rows.append(grad.new_zeros(grad.shape[-1]))
+        else:
+            rows.append(_sum_over_time_of_product(grad[:, sl[0]], x[:, sl[1]]).sum(0))
+    return torch.stack(rows)
+
+
+def _prelu_forward(x: torch.Tensor, slope: float, inplace: bool):
+    """PReLU with one slope (= leaky ReLU).  Returns (output, saved tensor, saved-is-output):
+    for a positive slope the output alone determines the backward pass."""
+    if slope > 0:
+        out = F.leaky_relu_(x, slope) if inplace else F.leaky_relu(x, slope)
+        return out, out, True
+    return F.leaky_relu(x, slope), x, False
+
+
+def _prelu_backward_(grad: torch.Tensor, saved: torch.Tensor, slope: float, is_result: bool):
+    """In place on `grad`; returns the gradient of the slope."""
+    neg_dot = _negative_part_dot(grad, saved)
+    grad_slope = neg_dot / slope if is_result else neg_dot
+    torch.ops.aten.leaky_relu_backward.grad_input(grad, saved, slope, is_result, grad_input=grad)
+    return grad.new_tensor([grad_slope])
+
+
+# ----------------------------------------------------------------------------------------------
+# Autograd functions (CPU, float32).
+# ----------------------------------------------------------------------------------------------
+class _NormLinearFunction(torch.autograd.Function):
+    """z = linear(norm(x)) with the norm's affine folded in the weights (see above)."""
+
+    @staticmethod
+    def forward(ctx, x, w, b, kind):
+        x = x.contiguous()
+        z, mean, rstd = _norm_linear_forward(x, w, b, kind)
+        ctx.save_for_backward(x, w, mean, rstd)
+        ctx.kind = kind
+        return z
+
+    @staticmethod
+    def backward(ctx, gz):
+        x, w, mean, rstd = ctx.saved_tensors
+        grad_x, grad_w, grad_b = _norm_linear_backward([gz], x, w, mean, rstd, ctx.kind)
+        return grad_x, grad_w, grad_b, None
+
+
+class _BlockFunction(torch.autograd.Function):
+    """One Conv1DBlock plus the TCN's sums: returns (x + residual, skip + skip_out).
+
+    The block: 1x1 conv, PReLU, norm, depthwise conv, PReLU, norm, [res | skip] 1x1 conv
+    (`w_out` holds the first `n_res` residual rows, then the skip rows).  `skip` is None for
+    the first block and is updated in place; an output is None when it has no rows.
+    Keeps x and three hidden activations; recomputes nothing but a few reductions."""
+
+    @staticmethod
+    def forward(ctx, x, skip, w_in, b_in, slope1, gamma1, beta1, taps, b_dw, slope2, w_out,
+                b_out, kind, offsets, n_res):
+        x = x.contiguous()
+        batch, frames, chans = x.shape
+        hid = w_in.shape[0]
+        a1, a2 = float(slope1), float(slope2)
+        u = torch.addmm(b_in, x.view(-1, chans), w_in.t()).view(batch, frames, hid)
+        p, saved1, is_result1 = _prelu_forward(u, a1, inplace=True)
+        mean1, rstd1 = _norm_stats(p, kind)
+        scale1 = rstd1 * gamma1
+        normed = torch.addcmul(beta1 - mean1 * scale1, p, scale1)
+        if is_result1:
+            del u
+        v = _depthwise(normed, taps, b_dw, offsets)
+        q, saved2, is_result2 = _prelu_forward(v, a2, inplace=True)
+        z, mean2, rstd2 = _norm_linear_forward(q, w_out, b_out, kind)
+        del v, q
+        x_out = x + z[..., :n_res] if n_res else None
+        skip_out = None
+        if z.shape[-1] > n_res:
+            if skip is None:
+                skip_out = z[..., n_res:].contiguous()
+            else:
+                ctx.mark_dirty(skip)
+                skip_out = skip.add_(z[..., n_res:])
+        ctx.save_for_backward(x, saved1, normed, saved2, w_in, gamma1, beta1, taps, w_out,
+                              mean1, rstd1, mean2, rstd2)
+        ctx.cfg = (kind, offsets, a1, a2, is_result1, is_result2, n_res, skip is not None)
+        return x_out, skip_out
+
+    @staticmethod
+    def backward(ctx, grad_x_out, grad_skip_out):
+        (x, saved1, normed, saved2, w_in, gamma1, beta1, taps, w_out,
+         mean1, rstd1, mean2, rstd2) = ctx.saved_tensors
+        kind, offsets, a1, a2, is_result1, is_result2, n_res, had_skip = ctx.cfg
+        batch, frames, chans = x.shape
+        hid = w_in.shape[0]
+        n_skip = w_out.shape[0] - n_res
+        grads = []
+        if n_res:
+            grads.append(grad_x_out if grad_x_out is not None else x.new_zeros(batch, frames, n_res))
+        if n_skip:
+            grads.append(grad_skip_out if grad_skip_out is not None
+                         else x.new_zeros(batch, frames, n_skip))
+        # Second half: PReLU -> norm -> [res | skip] 1x1 conv.
+        q = saved2 if is_result2 else F.leaky_relu(saved2, a2)
+        grad_v, grad_w_out, grad_b_out = _norm_linear_backward(grads, q, w_out, mean2, rstd2,
+                                                               kind)
+        del q
+        grad_slope2 = _prelu_backward_(grad_v, saved2, a2, is_result2)
+        # Depthwise convolution.
+        grad_b_dw = grad_v.sum((0, 1))
+        grad_taps = _depthwise_weight_grad(grad_v, normed, offsets)
+        grad_p = _depthwise(grad_v, taps, None, [-o for o in offsets])
+        del grad_v
+        # First norm.
+        p = saved1 if is_result1 else F.leaky_relu(saved1, a1)
+        if kind == "gLN":
+            n = frames * hid
+            sum_g = grad_p.sum(1)                                    # (B, H)
+            sum_gp = _sum_over_time_of_product(grad_p, p)            # (B, H)
+            m1, r1 = mean1.view(batch, 1), rstd1.view(batch, 1)
+            centred = sum_gp - m1 * sum_g                            # sum_t g * (p - mean)
+            grad_beta1 = sum_g.sum(0)
+            grad_gamma1 = (r1 * centred).sum(0)
+            mean_gxhat = (sum_g * gamma1).sum(1, keepdim=True) / n   # (B, 1)
+            mean_gxhat_xhat = r1 * (centred * gamma1).sum(1, keepdim=True) / n
+            coef_p = (-(r1 * r1) * mean_gxhat_xhat).view(batch, 1, 1)
+            coef_c = (r1 * r1 * mean_gxhat_xhat * m1 - r1 * mean_gxhat).view(batch, 1, 1)
+            grad_p.mul_(rstd1 * gamma1).addcmul_(p, coef_p).add_(coef_c)
+        else:
+            grad_p, grad_gamma1, grad_beta1 = torch.ops.aten.native_layer_norm_backward(
+                grad_p, p, [hid], mean1, rstd1, gamma1, beta1, [True, True, True])
+        del p
+        # First PReLU and 1x1 conv.
+        grad_slope1 = _prelu_backward_(grad_p, saved1, a1, is_result1)
+        grad_u2d = grad_p.view(-1, hid)
+        grad_b_in = grad_u2d.sum(0)
+        grad_w_in = torch.mm(grad_u2d.t(), x.view(-1, chans))
+        if grad_x_out is not None and n_res:   # residual: the GEMM adds to the incoming grad
+            grad_x = torch.addmm(grad_x_out.reshape(-1, chans), grad_u2d, w_in)
+        else:
+            grad_x = torch.mm(grad_u2d, w_in)
+        grad_skip = grad_skip_out if had_skip else None
+        return (grad_x.view(batch, frames, chans), grad_skip, grad_w_in, grad_b_in, grad_slope1,
+                grad_gamma1, grad_beta1, grad_taps, grad_b_dw, grad_slope2, grad_w_out,
+                grad_b_out, None, None, None)
+
+
+# ----------------------------------------------------------------------------------------------
+# gLN blocks: the statistics are per item, so the first norm folds into the depthwise taps and
+# the second into per-item GEMM scalars; the residual and skip sums accumulate in the GEMMs.
+# ----------------------------------------------------------------------------------------------
+def _gln_depthwise(p: torch.Tensor, taps: torch.Tensor, b_dw: torch.Tensor, offsets,
+                   scale: torch.Tensor, shift: torch.Tensor,
+                   out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """depthwise(p * scale + shift) + b_dw, zero-padded, without forming p * scale + shift.
+    scale, shift: (B, 1, C) per item and channel."""
+    frames = p.shape[1]
+    item_taps = taps[:, None, None, :] * scale                  # (P, B, 1, C)
+    bias = b_dw + shift * taps.sum(0)                           # every tap sees `shift` ...
+    out = _depthwise(p, item_taps, bias, offsets, out=out)
+    for k, offset in enumerate(offsets):                        # ... but the padded ones
+        if offset > 0:
+            out[:, max(frames - offset, 0):] -= shift * taps[k]
+        elif offset < 0:
+            out[:, :min(-offset, frames)] -= shift * taps[k]
+    return out
+
+
+def _gln_output_gemms(q, rstd, mean, w_out, b_out, n_res, x, skip):
+    """x + residual rows and skip + skip rows of `rstd * (q @ W'^T) + b' - rstd*mean*rowsum(W')`
+    per item, accumulated by the GEMMs themselves.  `skip` (if given) is updated in place."""
+    batch, frames, _ = q.shape
+    out_chans = w_out.shape[0]
+    scales = rstd.view(-1).tolist()
+    shift = b_out - (rstd * mean).view(batch, 1) * w_out.sum(1)   # (B, O)
+    x_out = skip_out = None
+    if n_res:
+        x_out = x + shift[:, None, :n_res]
+        w_res_t = w_out[:n_res].t()
+        for i in range(batch):
+            x_out[i].addmm_(q[i], w_res_t, alpha=scales[i])
+    if out_chans > n_res:
+        skip_shift = shift[:, None, n_res:]
+        if skip is None:
+            skip_out = skip_shift.expand(batch, frames, out_chans - n_res).clone()
+        else:
+            skip_out = skip.add_(skip_shift)
+        w_skip_t = w_out[n_res:].t()
+        for i in range(batch):
+            skip_out[i].addmm_(q[i], w_skip_t, alpha=scales[i])
+    return x_out, skip_out
+
+
+def _gln_block_forward(x, skip, w_in, b_in, a1, gamma1, beta1, taps, b_dw, a2, w_out, b_out,
+                       offsets, n_res, buffers=None):
+    """Returns (x_out, skip_out, (saved1, is_result1, saved2, is_result2, stats))."""
+    batch, frames, chans = x.shape
+    hid = w_in.shape[0]
+    if buffers is None:
+        u = torch.addmm(b_in, x.view(-1, chans), w_in.t())
+        v = None
+    else:
+        u = torch.addmm(b_in, x.view(-1, chans), w_in.t(), out=buffers[0])
+        v = buffers[1]
+    u = u.view(batch, frames, hid)
+    p, saved1, is_result1 = _prelu_forward(u, a1, inplace=True)
+    mean1, rstd1 = _norm_stats(p, "gLN")
+    scale1 = rstd1 * gamma1
+    shift1 = beta1 - mean1 * scale1
+    v = _gln_depthwise(p, taps, b_dw, offsets, scale1, shift1, out=v)
+    q, saved2, is_result2 = _prelu_forward(v, a2, inplace=True)
+    mean2, rstd2 = _norm_stats(q, "gLN")
+    x_out, skip_out = _gln_output_gemms(q, rstd2, mean2, w_out, b_out, n_res, x, skip)
+    return x_out, skip_out, (saved1, is_result1, saved2, is_result2,
+                             (mean1, rstd1, mean2, rstd2))
+
+
+class _GlobalNormBlockFunction(torch.autograd.Function):
+    """`_BlockFunction` for gLN: same inputs and outputs, fewer passes and saved tensors
+    (x, the first PReLU's output or input, the second PReLU's output or input)."""
+
+    @staticmethod
+    def forward(ctx, x, skip, w_in, b_in, slope1, gamma1, beta1, taps, b_dw, slope2, w_out,
+                b_out, kind, offsets, n_res):
+        x = x.contiguous()
+        a1, a2 = float(slope1), float(slope2)
+        had_skip = skip is not None
+        x_out, skip_out, state = _gln_block_forward(x, skip, w_in, b_in, a1, gamma1, beta1,
+                                                    taps, b_dw, a2, w_out, b_out, offsets, n_res)
+        if had_skip and skip_out is not None:
+            ctx.mark_dirty(skip)
+        saved1, is_result1, saved2, is_result2, stats = state
+        ctx.save_for_backward(x, saved1, saved2, w_in, gamma1, beta1, taps, w_out, *stats)
+        ctx.cfg = (offsets, a1, a2, is_result1, is_result2, n_res, had_skip)
+        return x_out, skip_out
+
+    @staticmethod
+    def backward(ctx, grad_x_out, grad_skip_out):
+        (x, saved1, saved2, w_in, gamma1, beta1, taps, w_out,
+         mean1, rstd1, mean2, rstd2) = ctx.saved_tensors
+        offsets, a1, a2, is_result1, is_result2, n_res, had_skip = ctx.cfg
+        batch, frames, chans = x.shape
+        hid = w_in.shape[0]
+        out_chans = w_out.shape[0]
+        parts = []                                   # (gradient, rows of w_out)
+        if n_res:
+            parts.append((grad_x_out if grad_x_out is not None
+                          else x.new_zeros(batch, frames, n_res), slice(0, n_res)))
+        if out_chans > n_res:
+            parts.append((grad_skip_out if grad_skip_out is not None
+                          else x.new_zeros(batch, frames, out_chans - n_res),
+                          slice(n_res, out_chans)))
+        # Output GEMMs and second norm.
+        q = saved2 if is_result2 else F.leaky_relu(saved2, a2)
+        scales = rstd2.view(-1).tolist()
+        grad_q = _WORKSPACE.get("grad_hidden_a", q.shape, q)
+        grad_w_out = torch.zeros_like(w_out)
+        item_sums = torch.cat([g.sum(1) for g, _ in parts], 1)          # (B, O)
+        for i in range(batch):
+            for j, (g, rows) in enumerate(parts):
+                if j == 0:
+                    torch.addmm(grad_q[i], g[i], w_out[rows], beta=0, alpha=scales[i],
+                                out=grad_q[i])
+                else:
+                    grad_q[i].addmm_(g[i], w_out[rows], alpha=scales[i])
+                grad_w_out[rows].addmm_(g[i].t(), q[i], alpha=scales[i])
+        rm2 = (rstd2 * mean2).view(batch, 1)
+        grad_w_out -= (rm2 * item_sums).sum(0).unsqueeze(1)
+        grad_b_out = item_sums.sum(0)
+        g_dot_s = (item_sums @ w_out.sum(1)).view(batch, 1, 1)
+        grad_rstd = _rows_dot(q, grad_q, "gLN") / rstd2 - mean2 * g_dot_s
+        n = frames * hid
+        slope = (-rstd2.pow(3) / n) * grad_rstd
+        grad_q.addcmul_(q, slope).add_((-rstd2 * g_dot_s) / n - slope * mean2)
+        del q
+        grad_slope2 = _prelu_backward_(grad_q, saved2, a2, is_result2)
+        grad_v = grad_q
+        # Depthwise convolution of the normalised first activation (scale1 * p + shift1).
+        p = saved1 if is_result1 else F.leaky_relu(saved1, a1)
+        scale1 = (rstd1 * gamma1).view(batch, hid)
+        shift1 = beta1 - mean1.view(batch, 1) * scale1
+        item_dv = grad_v.sum(1)                                         # (B, H)
+        m1, r1 = mean1.view(batch, 1), rstd1.view(batch, 1)
+        grad_b_dw = item_dv.sum(0)
+        grad_taps, sum_g, sum_gc = [], 0, 0
+        for k, offset in enumerate(offsets):
+            sl = _tap_slices(offset, frames)
+            if sl is None:
+                grad_taps.append(taps.new_zeros(hid))
+                continue
+            if offset > 0:
+                valid = item_dv - grad_v[:, frames - offset:].sum(1)
+            elif offset < 0:
+                valid = item_dv - grad_v[:, :-offset].sum(1)
+            else:
+                valid = item_dv
+            # sum_t dv[t] (p[t + o] - mean), as the norm's backward needs it.
+            dot_p = _sum_over_time_of_product(grad_v[:, sl[0]], p[:, sl[1]]) - m1 * valid
+            # normalised input = scale1 * (p - mean) + beta1
+            grad_taps.append((scale1 * dot_p + beta1 * valid).sum(0))
+            sum_g = sum_g + taps[k] * valid          # sum_t of the grad of the normalised input
+            sum_gc = sum_gc + taps[k] * dot_p        # ... times (p - mean)
+        grad_taps = torch.stack(grad_taps)
+        # First norm (see the formulas of _BlockFunction).
+        centred = sum_gc
+        grad_beta1 = sum_g.sum(0)
+        grad_gamma1 = (r1 * centred).sum(0)
+        mean_gxhat = (sum_g * gamma1).sum(1, keepdim=True) / n
+        mean_gxhat_xhat = r1 * (centred * gamma1).sum(1, keepdim=True) / n
+        coef_p = (-(r1 * r1) * mean_gxhat_xhat).view(batch, 1, 1)
+        coef_c = (r1 * r1 * mean_gxhat_xhat * m1 - r1 * mean_gxhat).view(batch, 1, 1)
+        grad_p = torch.addcmul(coef_c, p, coef_p,
+                               out=_WORKSPACE.get("grad_hidden_b", p.shape, p))
+        del p
+        item_taps = taps[:, None, None, :] * scale1[:, None, :]
+        _depthwise(grad_v, item_taps, None, [-o for o in offsets], out=grad_p, accumulate=True)
+        del grad_v, grad_q
+        # First PReLU and 1x1 conv.
+        grad_slope1 = _prelu_backward_(grad_p, saved1, a1, is_result1)
+        grad_u2d = grad_p.view(-1, hid)
+        grad_b_in = grad_u2d.sum(0)
+        grad_w_in = torch.mm(grad_u2d.t(), x.view(-1, chans))
+        if grad_x_out is not None and n_res:   # residual: the GEMM adds to the incoming grad
+            grad_x = torch.addmm(grad_x_out.reshape(-1, chans), grad_u2d, w_in)
+        else:
+            grad_x = torch.mm(grad_u2d, w_in)
+        grad_skip = grad_skip_out if had_skip else None
+        return (grad_x.view(batch, frames, chans), grad_skip, grad_w_in, grad_b_in, grad_slope1,
+                grad_gamma1, grad_beta1, grad_taps, grad_b_dw, grad_slope2, grad_w_out,
+                grad_b_out, None, None, None)
+
+
+# ----------------------------------------------------------------------------------------------
+# Parameters of asteroid's modules, read in the channels-last layout.
+# ----------------------------------------------------------------------------------------------
+_NORM_KINDS = {norms.GlobLN: "gLN", norms.ChanLN: "cLN"}
+
+
+def _norm_kind(module: nn.Module) -> Optional[str]:
+    return _NORM_KINDS.get(type(module))
+
+
+def _block_geometry(block: nn.Module):
+    """(depthwise conv, tap offsets) of a Conv1DBlock, or None if it is not the standard one."""
+    layers = list(block.shared_block)
+    if len(layers) != 6:
+        return None
+    depth = layers[3]
+    chop = 0
+    if isinstance(depth, nn.Sequential):
+        if len(depth) != 2 or not isinstance(depth[1], _Chop1d):
+            return None
+        depth, chop = depth[0], depth[1].chop_size
+    if not isinstance(depth, nn.Conv1d) or depth.groups != depth.in_channels:
+        return None
+    kernel, dilation = depth.kernel_size[0], depth.dilation[0]
+    padding = depth.padding[0]
+    if depth.stride[0] != 1 or not isinstance(padding, int):
+        return None
+    # Output length of asteroid's block must equal its input length for the residual sum.
+    if 2 * padding - dilation * (kernel - 1) - chop != 0:
+        return None
+    offsets = [k * dilation - padding for k in range(kernel)]
+    return depth, offsets
+
+
+def masker_supported(masker: nn.Module) -> bool:
+    """True when `masker` is a TDConvNet the channels-last implementation reproduces exactly."""
+    if type(masker) is not TDConvNet:
+        return False
+    if _norm_kind(masker.bottleneck[0]) is None:
+        return False
+    for block in masker.TCN:
+        layers = list(block.shared_block)
+        if _block_geometry(block) is None:
+            return False
+        if not isinstance(layers[0], nn.Conv1d) or layers[0].kernel_size[0] != 1:
+            return False
+        for idx in (1, 4):
+            if not isinstance(layers[idx], nn.PReLU) or layers[idx].weight.numel() != 1:
+                return False
+        if _norm_kind(layers[2]) is None or _norm_kind(layers[5]) != _norm_kind(layers[2]):
+            return False
+    prelu = masker.mask_net[0]
+    return isinstance(prelu, nn.PReLU) and prelu.weight.numel() == 1
+
+
+def _block_tensors(block: nn.Module, keep_residual: bool):
+    """Parameters of one block, 1x1 convs as matrices, the second norm folded into res|skip."""
+    in_conv, prelu1, norm1, _, prelu2, norm2 = list(block.shared_block)
+    depth, offsets = _block_geometry(block)
+    weights, biases = [], []
+    if keep_residual:
+        weights.append(block.res_conv.weight.squeeze(-1))
+        biases.append(block.res_conv.bias)
+    if block.skip_out_chan:
+        weights.append(block.skip_conv.weight.squeeze(-1))
+        biases.append(block.skip_conv.bias)
+    w_out = weights[0] if len(weights) == 1 else torch.cat(weights, 0)
+    b_out = biases[0] if len(biases) == 1 else torch.cat(biases, 0)
+    return dict(
+        w_in=in_conv.weight.squeeze(-1), b_in=in_conv.bias, slope1=prelu1.weight,
+        gamma1=norm1.gamma, beta1=norm1.beta, w_dw=depth.weight.squeeze(1), b_dw=depth.bias,
+        slope2=prelu2.weight, gamma2=norm2.gamma, beta2=norm2.beta, w_out=w_out, b_out=b_out,
+        offsets=offsets, kind=_norm_kind(norm1),
+        n_res=block.res_conv.out_channels if keep_residual else 0,
+    )
+
+
+def _norm_reference(x: torch.Tensor, kind: str, gamma: torch.Tensor, beta: torch.Tensor):
+    """gLN / cLN on channels-last tensors with plain autograd ops (statistics in float32)."""
+    if kind == "cLN":
+        return F.layer_norm(x, (x.shape[-1],), gamma, beta, NORM_EPS)
+    x32 = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+    var, mean = torch.var_mean(x32, dim=(1, 2), keepdim=True, correction=0)
+    normed = (x32 - mean) * torch.rsqrt(var + NORM_EPS)
+    return (normed * gamma.to(x32.dtype) + beta.to(x32.dtype)).to(x.dtype)
+
+
+def _depthwise_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, offsets):
+    """Depthwise conv of a channels-last tensor via F.conv1d (any device, autocast-friendly)."""
+    kernel = len(offsets)
+    dilation = offsets[1] - offsets[0] if kernel > 1 else 1
+    left = -offsets[0]
+    right = offsets[-1]
+    xt = F.pad(x.transpose(1, 2), (max(left, 0), max(right, 0)))
+    if left < 0:
+        xt = xt[..., -left:]
+    y = F.conv1d(xt, weight.unsqueeze(1), bias, dilation=dilation, groups=x.shape[-1])
+    return y[..., : x.shape[1]].transpose(1, 2)
+
+
+# ----------------------------------------------------------------------------------------------
+# The model.
+# ----------------------------------------------------------------------------------------------
+class FastConvTasNet(ConvTasNet):
+    """asteroid's ConvTasNet with a fast forward/backward; same arguments and state dict.
+
+    `impl` (attribute, not saved): "auto" (default: autograd functions on CPU float32, plain
+    channels-last autograd elsewhere), "function", "autograd", or "stock" (asteroid's forward).
+    Extra keyword `who_is_pinv` ("dec"/"enc") is passed to asteroid's `make_enc_dec` and, unlike
+    asteroid, kept in `get_model_args()` so a pseudo-inverse decoder survives serialisation.
+    """
+
+    def __init__(self, n_src, *args, **kwargs):
+        super().__init__(n_src, *args, **kwargs)
+        self.who_is_pinv = kwargs.get("who_is_pinv")
+        self.impl = "auto"
+
+    # --- serialisation -----------------------------------------------------------------------
+    def get_model_args(self):
+        args = super().get_model_args()
+        if self.decoder.is_pinv:
+            args["who_is_pinv"] = "dec"
+        elif self.encoder.is_pinv:
+            args["who_is_pinv"] = "enc"
+        return args
+
+    def serialize(self):
+        conf = super().serialize()
+        # Same weights and arguments as asteroid's model: let every asteroid tool load it.
+        conf["model_name"] = "ConvTasNet"
+        # asteroid stores torch.__version__ as a TorchVersion, which torch.load's default
+        # weights_only=True refuses to unpickle.
+        versions = conf["infos"]["software_versions"]
+        conf["infos"]["software_versions"] = {k: str(v) for k, v in versions.items()}
+        return conf
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_conf_or_path, *args, **kwargs):
+        """Load a serialised ConvTasNet (ours or asteroid's) as a FastConvTasNet."""
+        conf = pretrained_model_conf_or_path
+        if isinstance(conf, (str, os.PathLike)):
+            conf = torch.load(cached_download(str(conf)), map_location="cpu")
+        missing = [k for k in ("model_name", "model_args", "state_dict") if k not in conf]
+        if missing:
+            raise ValueError(f"Not a serialised asteroid model: missing {missing}")
+        if conf["model_name"] not in ("ConvTasNet", cls.__name__):
+            raise ValueError(f"Expected a ConvTasNet, got model_name={conf['model_name']!r}")
+        model = cls(*args, **{**conf["model_args"], **kwargs})
+        model.load_state_dict(conf["state_dict"])
+        return model
+
+    # --- which parts run fast ----------------------------------------------------------------
+    def _fast_encoder(self) -> bool:
+        enc = self.encoder
+        return type(enc.filterbank) is FreeFB and enc.padding == 0 and enc.as_conv1d
+
+    def _fast_decoder(self) -> bool:
+        dec = self.decoder
+        return type(dec.filterbank) is FreeFB and dec.padding == 0 and dec.output_padding == 0
+
+    def _mode(self, x: torch.Tensor) -> str:
+        if self.impl != "auto":
+            return self.impl
+        cpu_fp32 = x.device.type == "cpu" and x.dtype == torch.float32
+        if cpu_fp32 and not torch.is_autocast_enabled("cpu"):
+            return "function"
+        return "autograd"
+
+    # --- forward -----------------------------------------------------------------------------
+    def forward(self, wav):
+        mode = self._mode(wav)
+        if mode == "stock" or (wav.ndim == 3 and wav.shape[1] != 1):
+            return super().forward(wav)
+        if mode not in IMPLEMENTATIONS:
+            raise ValueError(f"impl must be one of {IMPLEMENTATIONS}, got {mode!r}")
+        ndim = wav.ndim
+        wav3 = wav.reshape(1, 1, -1) if ndim == 1 else (wav.unsqueeze(1) if ndim == 2 else wav)
+        tf_rep = self._encode(wav3)                                  # (B, T, N)
+        masks = self._masks(tf_rep, mode)                            # (B, T, n_src, N)
+        if torch.is_grad_enabled():
+            masked = masks * tf_rep.unsqueeze(2)
+        else:
+            masked = masks.mul_(tf_rep.unsqueeze(2))
+        decoded = self._decode(masked)                               # (B, n_src, time)
+        reconstructed = pad_x_to_y(decoded, wav3)
+        return reconstructed.squeeze(0) if ndim == 1 else reconstructed
+
+    def forward_masker(self, tf_rep: torch.Tensor) -> torch.Tensor:
+        """asteroid's interface: (batch, feats, frames) -> (batch, n_src, feats, frames)."""
+        mode = self._mode(tf_rep)
+        if mode == "stock":
+            return self.masker(tf_rep)
+        return self._masks(tf_rep.transpose(1, 2).contiguous(), mode).permute(0, 2, 3, 1)
+
+    def _encode(self, wav3: torch.Tensor) -> torch.Tensor:
+        if not self._fast_encoder():
+            return self.forward_encoder(wav3).transpose(1, 2).contiguous()
+        filters = self.encoder.get_filters()                        # (N, 1, L)
+        frames = wav3[:, 0].unfold(-1, filters.shape[-1], self.encoder.stride)
+        tf_rep = torch.matmul(frames, filters.squeeze(1).t())
+        return self.enc_activation(tf_rep)
+
+    def _decode(self, masked: torch.Tensor) -> torch.Tensor:
+        if not self._fast_decoder():
+            return self.forward_decoder(masked.permute(0, 2, 3, 1))
+        filters = self.decoder.get_filters()                        # (N, 1, L)
+        kernel, stride = filters.shape[-1], self.decoder.stride
+        batch, n_frames, n_src, _ = masked.shape
+        frames = torch.matmul(masked, filters.squeeze(1)).permute(0, 2, 1, 3)  # (B, S, T, L)
+        if kernel % stride == 0:
+            hops = kernel // stride
+            parts = [F.pad(frames[..., j * stride:(j + 1) * stride], (0, 0, j, hops - 1 - j))
+                     for j in range(hops)]
+            wav = parts[0]
+            for part in parts[1:]:
+                wav = wav + part
+            return wav.reshape(batch, n_src, -1)
+        length = (n_frames - 1) * stride + kernel
+        cols = frames.reshape(batch * n_src, n_frames, kernel).transpose(1, 2)
+        wav = F.fold(cols, (1, length), (1, kernel), stride=(1, stride))
+        return wav.view(batch, n_src, length)
+
+    def _masks(self, tf_rep: torch.Tensor, mode: str) -> torch.Tensor:
+        """Masks (B, T, n_src, out_chan) from a channels-last representation (B, T, N)."""
+        masker = self.masker
+        if mode == "stock" or not masker_supported(masker):
+            return masker(tf_rep.transpose(1, 2)).permute(0, 3, 1, 2)
+        if mode == "function" and not torch.is_grad_enabled():
+            mask_in = self._mask_input_inference(tf_rep)
+        elif mode == "function":
+            mask_in = self._mask_input_function(tf_rep)
+        else:
+            mask_in = self._mask_input_autograd(tf_rep)
+        prelu, conv = masker.mask_net
+        score = F.linear(F.prelu(mask_in, prelu.weight), conv.weight.squeeze(-1), conv.bias)
+        batch, n_frames, _ = score.shape
+        score = score.view(batch, n_frames, masker.n_src, masker.out_chan)
+        # asteroid applies output_act to (B, n_src, out_chan, T): give it that view.
+        return masker.output_act(score.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+    def _bottleneck_weights(self):
+        norm, conv = self.masker.bottleneck
+        w, b = fold_norm_into_linear(conv.weight.squeeze(-1), conv.bias, norm.gamma, norm.beta)
+        return w, b, _norm_kind(norm)
+
+    def _block_list(self):
+        masker = self.masker
+        last = len(masker.TCN) - 1
+        # The last block's residual output is never used when skip connections exist.
+        return [_block_tensors(blk, keep_residual=not (masker.skip_chan and i == last))
+                for i, blk in enumerate(masker.TCN)]
+
+    @staticmethod
+    def _accumulate(out, skip, z, n_res: int, inplace: bool = False):
+        """TCN sums: out += residual rows of z, skip += skip rows of z."""
+        if n_res:
+            out = out.add_(z[..., :n_res]) if inplace else out + z[..., :n_res]
+        if z.shape[-1] > n_res:
+            sk = z[..., n_res:]
+            if skip is None:
+                skip = sk.contiguous() if inplace else sk
+            else:
+                skip = skip.add_(sk) if inplace else skip + sk
+        return out, skip
+
+    def _mask_input_function(self, tf_rep: torch.Tensor) -> torch.Tensor:
+        w_b, b_b, kind = self._bottleneck_weights()
+        out = _NormLinearFunction.apply(tf_rep, w_b, b_b, kind)
+        skip = None
+        for p in self._block_list():
+            w_out, b_out = fold_norm_into_linear(p["w_out"], p["b_out"], p["gamma2"], p["beta2"])
+            taps = p["w_dw"].t().contiguous()
+            block_fn = _GlobalNormBlockFunction if p["kind"] == "gLN" else _BlockFunction
+            x_out, skip = block_fn.apply(
+                out, skip, p["w_in"], p["b_in"], p["slope1"], p["gamma1"], p["beta1"], taps,
+                p["b_dw"], p["slope2"], w_out, b_out, p["kind"], p["offsets"], p["n_res"])
+            if x_out is not None:
+                out = x_out
+        return skip if self.masker.skip_chan else out
+
+    @torch.no_grad()
+    def _mask_input_inference(self, tf_rep: torch.Tensor) -> torch.Tensor:
+        """Same computation as the autograd function, in place, two reused buffers."""
+        w_b, b_b, kind = self._bottleneck_weights()
+        out, _, _ = _norm_linear_forward(tf_rep.contiguous(), w_b, b_b, kind)
+        skip = None
+        blocks = self._block_list()
+        batch, n_frames, chans = out.shape
+        hid = blocks[0]["w_in"].shape[0] if blocks else 0
+        u = out.new_empty(batch * n_frames, hid)
+        v = out.new_empty(batch, n_frames, hid)
+        for p in blocks:
+            if p["w_in"].shape[0] != hid:
+                hid = p["w_in"].shape[0]
+                u = out.new_empty(batch * n_frames, hid)
+                v = out.new_empty(batch, n_frames, hid)
+            if p["kind"] == "gLN":
+                w_out, b_out = fold_norm_into_linear(p["w_out"], p["b_out"], p["gamma2"],
+                                                     p["beta2"])
+                x_out, skip, _ = _gln_block_forward(
+                    out, skip, p["w_in"], p["b_in"], float(p["slope1"]), p["gamma1"],
+                    p["beta1"], p["w_dw"].t().contiguous(), p["b_dw"], float(p["slope2"]),
+                    w_out, b_out, p["offsets"], p["n_res"], buffers=(u, v))
+                if x_out is not None:
+                    out = x_out
+                continue
+            torch.addmm(p["b_in"], out.view(-1, chans), p["w_in"].t(), out=u)
+            u3 = u.view(batch, n_frames, hid)
+            F.leaky_relu_(u3, float(p["slope1"]))
+            mean1, rstd1 = _norm_stats(u3, p["kind"])
+            scale1 = rstd1 * p["gamma1"]
+            torch.addcmul(p["beta1"] - mean1 * scale1, u3, scale1, out=u3)
+            _depthwise(u3, p["w_dw"].t().contiguous(), p["b_dw"], p["offsets"], out=v)
+            F.leaky_relu_(v, float(p["slope2"]))
+            w_out, b_out = fold_norm_into_linear(p["w_out"], p["b_out"], p["gamma2"], p["beta2"])
+            z, _, _ = _norm_linear_forward(v, w_out, b_out, p["kind"])
+            out, skip = self._accumulate(out, skip, z, p["n_res"], inplace=True)
+        return skip if self.masker.skip_chan else out
+
+    def _mask_input_autograd(self, tf_rep: torch.Tensor) -> torch.Tensor:
+        """Device-generic channels-last path on plain autograd ops (CUDA, autocast)."""
+        norm, conv = self.masker.bottleneck
+        kind = _norm_kind(norm)
+        out = F.linear(_norm_reference(tf_rep, kind, norm.gamma, norm.beta),
+                       conv.weight.squeeze(-1), conv.bias)
+        skip = None
+        for p in self._block_list():
+            h = F.prelu(F.linear(out, p["w_in"], p["b_in"]), p["slope1"])
+            h = _norm_reference(h, kind, p["gamma1"], p["beta1"])
+            h = F.prelu(_depthwise_reference(h, p["w_dw"], p["b_dw"], p["offsets"]), p["slope2"])
+            h = _norm_reference(h, kind, p["gamma2"], p["beta2"])
+            z = F.linear(h, p["w_out"], p["b_out"])
+            out, skip = self._accumulate(out, skip, z, p["n_res"])
+        return skip if self.masker.skip_chan else out

@@ -1,0 +1,500 @@
+"""Benchmark: asteroid's ConvTasNet against fast_tasnet.FastConvTasNet on this machine.
+
+    python -m local.benchmark [--json PATH] [--quick] [--data_dir DIR] [--threads N]
+                              [--conf conf.yml] [--preset_conf conf_cpu.yml] [--key value ...]
+
+In one run, on the same inputs and the same weights:
+  * training step (forward, PIT SI-SDR loss, backward, Adam step) of the thesis config (the
+    `model` section of --conf) and of the CPU preset (--preset_conf), each at its own training
+    batch (`batch_size` x `segment_s`) and torch thread count (`num_threads`, 0 = all cores;
+    --threads overrides both): median of a few steps after one warm-up step;
+  * inference real-time factor (seconds of compute per second of audio) on a 60 s mixture;
+  * peak memory: growth of the peak resident set size of a fresh process per case;
+  * parity: stock weights loaded (strict) into ours, float32 outputs within 1e-4 and
+    gradients within 1e-3 (relative), float64 equal to 1e-8, thesis config and preset;
+  * BSS Eval SDR: fast_bss_eval against mir_eval's bss_eval_sources on test-like 2-source
+    signals (speed, and agreement within 0.05 dB);
+  * with --data_dir: time to fetch one training batch through BSDDataset + DataLoader, against
+    a training step;
+  * with CUDA: training throughput of ours under bf16 autocast against stock in float32.
+Ratios are stock / ours, so above 1 means ours is faster.  Timings on a machine shared with
+other work are noisy: stock and ours alternate, and the figures are medians.  Each case runs
+in a fresh process with OMP_WAIT_POLICY=PASSIVE unless the environment sets it (see below).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import numpy as np
+import torch
+
+from utils.config import Conf, parse_stage_args, read_conf
+
+# Used only when the preset file is missing: a small Conv-TasNet of the CPU-preset kind.
+FALLBACK_PRESET_MODEL = dict(n_filters=128, kernel_size=32, bn_chan=64, hid_chan=128,
+                             skip_chan=64, n_blocks=8, n_repeats=2)
+FALLBACK_PRESET_TRAINING = dict(segment_s=2.0, num_threads=1)
+# Acceptance thresholds of the parity check (relative errors).
+OUTPUT_TOLERANCE = 1e-4
+GRADIENT_TOLERANCE = 1e-3
+SDR_TOLERANCE_DB = 0.05
+INFERENCE_SECONDS = 60.0
+# OpenMP threads that wait sleep instead of spinning (unless the caller's environment says
+# otherwise): on a machine shared with other work, spinning barriers stall every torch op for
+# a whole scheduler slice whenever one of the threads is descheduled (5x slower training
+# steps measured on a busy 2-core machine, stock and ours alike).
+OMP_WAIT_POLICY = "PASSIVE"
+WARMUP_SECONDS = 1.0
+QUICK_INFERENCE_SECONDS = 10.0
+
+
+# ----------------------------------------------------------------------------------------------
+# Models and inputs.
+# ----------------------------------------------------------------------------------------------
+def model_kwargs_of(conf: Conf) -> dict[str, Any]:
+    """ConvTasNet constructor arguments of a conf's model section (the recipe's mapping)."""
+    from model import model_kwargs
+
+    return model_kwargs(conf)
+
+
+def build_model(kwargs: dict[str, Any], impl: str) -> torch.nn.Module:
+    """'stock' (asteroid's ConvTasNet) or 'fast' (FastConvTasNet), same initialisation."""
+    from asteroid.models import ConvTasNet
+
+    from fast_tasnet import FastConvTasNet
+
+    cls = {"stock": ConvTasNet, "fast": FastConvTasNet}[impl]
+    return cls(**kwargs)
+
+
+def _batch(n_src: int, batch: int, samples: int, seed: int):
+    """Mixture and sources: bird-like chirps in noise, the same for every implementation."""
+    gen = torch.Generator().manual_seed(seed)
+    t = torch.arange(samples) / 8000.0
+    sources = []
+    for _ in range(batch * n_src):
+        f0 = 1000 + 2000 * torch.rand(1, generator=gen)
+        sweep = 500 * torch.randn(1, generator=gen)
+        env = (torch.sin(2 * torch.pi * (0.5 + torch.rand(1, generator=gen)) * t) > 0).float()
+        chirp = torch.sin(2 * torch.pi * (f0 + sweep * t) * t) * env
+        sources.append(chirp + 0.05 * torch.randn(samples, generator=gen))
+    sources = torch.stack(sources).view(batch, n_src, samples)
+    return sources.sum(1), sources
+
+
+def _peak_rss_mb() -> float:
+    """Peak resident set size of this process (MB; Linux reports kB), NaN where unknown."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        return float("nan")
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+# ----------------------------------------------------------------------------------------------
+# Cases, each run in a fresh process (clean peak-memory figures, no shared allocator state).
+# ----------------------------------------------------------------------------------------------
+def _run_case(case: dict[str, Any]) -> dict[str, Any]:
+    torch.set_num_threads(case["threads"])
+    torch.manual_seed(case["seed"])
+    if case["kind"] == "parity":
+        return check_parity(case["kwargs"], seconds=case["seconds"], seed=case["seed"])
+    if case["kind"] == "sdr":
+        return compare_sdr_backends(case["n_signals"], case["seconds"], case["sample_rate"],
+                                    case["seed"])
+    kwargs, impl = case["kwargs"], case["impl"]
+    device = torch.device(case.get("device", "cpu"))
+    model = build_model(kwargs, impl).to(device)
+    samples = int(round(case["seconds"] * kwargs["sample_rate"]))
+    if case["kind"] == "train":
+        return _train_case(model, case, samples, device)
+    return _infer_case(model, case, samples)
+
+
+def _train_case(model, case, samples, device) -> dict[str, Any]:
+    from asteroid.losses import PITLossWrapper, pairwise_neg_sisdr
+
+    loss_func = PITLossWrapper(pairwise_neg_sisdr, pit_from="pw_mtx")
+    optimizer = torch.optim.Adam(model.parameters(), lr=case["lr"])
+    mixture, sources = _batch(case["kwargs"]["n_src"], case["batch"], samples, case["seed"])
+    mixture, sources = mixture.to(device), sources.to(device)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=case.get("bf16", False))
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        with autocast:
+            estimates = model(mixture)
+        loss = loss_func(estimates.float(), sources)
+        loss.backward()
+        optimizer.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    model.train()
+    rss_before = _peak_rss_mb()
+    # Warm-up (one-off initialisations: optimizer state, thread pools, kernels) on a short batch.
+    warm = slice(0, min(samples, int(WARMUP_SECONDS * case["kwargs"]["sample_rate"])))
+    full = (mixture, sources)
+    mixture, sources = full[0][..., warm], full[1][..., warm]
+    for _ in range(case["warmup"]):
+        step()
+    mixture, sources = full
+    times = []
+    for _ in range(case["steps"]):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    step_s = statistics.median(times)
+    return dict(step_s=step_s, steps_s=times, samples_per_s=case["batch"] / step_s,
+                peak_rss_growth_mb=_peak_rss_mb() - rss_before,
+                batch=case["batch"], seconds=case["seconds"], threads=case["threads"])
+
+
+def _infer_case(model, case, samples) -> dict[str, Any]:
+    model.eval()
+    mixture, _ = _batch(case["kwargs"]["n_src"], 1, samples, case["seed"])
+    warm, _ = _batch(case["kwargs"]["n_src"], 1, min(samples, 5 * case["kwargs"]["sample_rate"]),
+                     case["seed"])
+    rss_before = _peak_rss_mb()
+    times = []
+    with torch.inference_mode():
+        model(warm)
+        for _ in range(case["reps"]):
+            start = time.perf_counter()
+            model(mixture)
+            times.append(time.perf_counter() - start)
+    elapsed = statistics.median(times)
+    return dict(rtf=elapsed / case["seconds"], times_s=times, seconds=case["seconds"],
+                peak_rss_growth_mb=_peak_rss_mb() - rss_before, threads=case["threads"])
+
+
+def run_case_in_subprocess(case: dict[str, Any]) -> dict[str, Any]:
+    """Run one case in a fresh Python process (`-m local.benchmark --run_case JSON`)."""
+    repo_root = Path(__file__).resolve().parent.parent
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [str(repo_root)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
+    env.setdefault("OMP_WAIT_POLICY", OMP_WAIT_POLICY)
+    proc = subprocess.run([sys.executable, "-m", "local.benchmark", "--run_case", json.dumps(case)],
+                          cwd=repo_root, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"benchmark case {case['kind']}/{case.get('impl', '')} failed:\n"
+                           f"{proc.stderr}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# ----------------------------------------------------------------------------------------------
+# Parity, BSS Eval, data loading.
+# ----------------------------------------------------------------------------------------------
+def _relative_error(value: Optional[torch.Tensor], reference: Optional[torch.Tensor]) -> float:
+    """||value - reference|| / ||reference|| (0 when both are missing or zero)."""
+    if value is None or reference is None:
+        other = value if reference is None else reference
+        return 0.0 if other is None or not bool(other.abs().max() > 0) else float("inf")
+    ref_norm = float(reference.double().norm())
+    diff = float((value.double() - reference.double()).norm())
+    return diff / ref_norm if ref_norm > 0 else diff
+
+
+def _forward_backward(model, mixture, sources):
+    from asteroid.losses import PITLossWrapper, pairwise_neg_sisdr
+
+    model.zero_grad(set_to_none=True)
+    estimates = model(mixture)
+    PITLossWrapper(pairwise_neg_sisdr, pit_from="pw_mtx")(estimates, sources).backward()
+    return estimates.detach(), {n: p.grad for n, p in model.named_parameters()}
+
+
+def check_parity(kwargs: dict[str, Any], seconds: float = 0.5, batch: int = 2,
+                 seed: int = 0) -> dict[str, Any]:
+    """Stock weights loaded (strict) into ours; same inputs; PIT SI-SDR loss.
+
+    float32 (what training runs): outputs within OUTPUT_TOLERANCE (max error / max value),
+    gradients within GRADIENT_TOLERANCE (norm of the difference of all gradients / norm of all
+    gradients).  Per-parameter errors are reported but not judged: a PReLU input within
+    rounding of 0 takes the other slope in another summation order, which moves a small
+    gradient (a PReLU slope's) by up to 1e-2 - asteroid against itself on 1 and 2 threads
+    does that too.  float64: the same math, every gradient within 1e-8."""
+    torch.manual_seed(seed)
+    stock = build_model(kwargs, "stock")
+    ours = build_model(kwargs, "fast")
+    ours.load_state_dict(stock.state_dict(), strict=True)
+    mixture, sources = _batch(kwargs["n_src"], batch, int(seconds * kwargs["sample_rate"]), seed)
+    out_stock, grads_stock = _forward_backward(stock, mixture, sources)
+    out_ours, grads_ours = _forward_backward(ours, mixture, sources)
+    with torch.inference_mode():
+        inference_error = float((ours(mixture) - out_stock).abs().max() / out_stock.abs().max())
+    output_error = float((out_ours - out_stock).abs().max() / out_stock.abs().max())
+    names = [n for n in grads_stock if grads_stock[n] is not None]
+    flat = lambda grads: torch.cat([grads[n].flatten() for n in names])  # noqa: E731
+    grad_error = _relative_error(flat(grads_ours), flat(grads_stock))
+    per_param = {n: _relative_error(grads_ours[n], grads_stock[n]) for n in grads_stock}
+    worst = max(per_param, key=per_param.get)
+    # float64: exact math check of the fast path (the CPU autograd functions).
+    stock.double()
+    ours.double()
+    ours.impl = "function"
+    out64_stock, grads64_stock = _forward_backward(stock, mixture.double(), sources.double())
+    out64_ours, grads64_ours = _forward_backward(ours, mixture.double(), sources.double())
+    f64_output_error = _relative_error(out64_ours, out64_stock)
+    f64_grad_error = max(_relative_error(grads64_ours[n], grads64_stock[n]) for n in grads64_stock)
+    ok = (output_error <= OUTPUT_TOLERANCE and inference_error <= OUTPUT_TOLERANCE
+          and grad_error <= GRADIENT_TOLERANCE and f64_output_error <= 1e-10
+          and f64_grad_error <= 1e-8)
+    return dict(ok=ok, output_rel_error=output_error, inference_rel_error=inference_error,
+                grad_rel_error=grad_error, max_param_grad_rel_error=per_param[worst],
+                worst_param=worst, float64_output_rel_error=f64_output_error,
+                float64_max_param_grad_rel_error=f64_grad_error)
+
+
+def compare_sdr_backends(n_signals: int, seconds: float, sample_rate: int,
+                         seed: int = 0) -> dict[str, Any]:
+    """fast_bss_eval vs mir_eval on 2-source signals with imperfect estimates (crosstalk and
+    noise, as a separation model leaves them)."""
+    from local.metrics import bss_sdr
+
+    rng = np.random.default_rng(seed)
+    timings = {"fast_bss_eval": 0.0, "mir_eval": 0.0}
+    max_diff = 0.0
+    for k in range(n_signals):
+        _, sources = _batch(2, 1, int(seconds * sample_rate), seed + k)
+        references = sources[0].double().numpy()
+        estimates = references + 0.2 * references[::-1] + 0.05 * rng.standard_normal(references.shape)
+        sdr = {}
+        for backend in timings:
+            start = time.perf_counter()
+            sdr[backend] = bss_sdr(estimates[None], references, backend)
+            timings[backend] += time.perf_counter() - start
+        max_diff = max(max_diff, float(np.abs(sdr["fast_bss_eval"] - sdr["mir_eval"]).max()))
+    return dict(fast_bss_eval_s=timings["fast_bss_eval"], mir_eval_s=timings["mir_eval"],
+                speedup=timings["mir_eval"] / timings["fast_bss_eval"], max_abs_diff_db=max_diff,
+                agree=max_diff <= SDR_TOLERANCE_DB, n_signals=n_signals, seconds=seconds)
+
+
+def time_data_loading(conf: Conf, data_dir: str | Path, n_batches: int) -> dict[str, Any]:
+    """Seconds per training batch fetched through BSDDataset + DataLoader (after the first)."""
+    from torch.utils.data import DataLoader
+
+    from local.bsd_dataset import BSDDataset, split_csv
+
+    t = conf["training"]
+    dataset = BSDDataset(split_csv(data_dir, conf["model"]["n_src"], "tr"),
+                         conf["clips"]["sample_rate"], segment_s=t["segment_s"])
+    loader = DataLoader(dataset, batch_size=t["batch_size"], shuffle=True, drop_last=True,
+                        num_workers=t["num_workers"])
+    times = []
+    iterator = iter(loader)
+    next(iterator)  # worker start-up
+    for _ in range(n_batches):
+        start = time.perf_counter()
+        try:
+            next(iterator)
+        except StopIteration:
+            break
+        times.append(time.perf_counter() - start)
+    if not times:
+        raise ValueError(f"{split_csv(data_dir, conf['model']['n_src'], 'tr')}: "
+                         f"fewer than 2 batches of {t['batch_size']}")
+    return dict(batch_s=statistics.median(times), n_batches=len(times),
+                num_workers=t["num_workers"], batch_size=t["batch_size"])
+
+
+# ----------------------------------------------------------------------------------------------
+# The benchmark.
+# ----------------------------------------------------------------------------------------------
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _threads_of(conf: Conf, threads: Optional[int]) -> int:
+    if threads:
+        return threads
+    wanted = conf["training"].get("num_threads", 0)
+    return wanted if wanted and wanted > 0 else torch.get_num_threads()
+
+
+def load_preset(path: str | Path, conf: Conf) -> tuple[Conf, str]:
+    """The CPU preset's conf, or `conf` with the documented fallback model if the file is missing."""
+    path = Path(path)
+    if path.is_file():
+        return read_conf(path), str(path)
+    preset = {section: dict(values) for section, values in conf.items()}
+    preset["model"].update(FALLBACK_PRESET_MODEL)
+    preset["training"].update(FALLBACK_PRESET_TRAINING)
+    return preset, f"fallback (no {path}): {FALLBACK_PRESET_MODEL}"
+
+
+def run_case_in_process(case: dict[str, Any]) -> dict[str, Any]:
+    """Run one case here (quicker; peak-memory figures then include earlier cases' peaks)."""
+    previous = torch.get_num_threads()
+    try:
+        return _run_case(case)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def run_benchmark(conf: Conf, preset_conf: Conf, *, quick: bool = False,
+                  threads: Optional[int] = None, data_dir: Optional[str | Path] = None,
+                  infer_seconds: Optional[float] = None, parity_seconds: float = 0.5,
+                  json_path: Optional[str | Path] = None, preset_source: str = "",
+                  isolate: bool = True, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Measure stock vs ours; returns (and with `json_path` writes) the figures.
+
+    `isolate`: each case in a fresh process (clean memory figures); False runs them here."""
+    run_case = run_case_in_subprocess if isolate else run_case_in_process
+    seed = conf["common"]["seed"]
+    warmup, steps, reps = (1, 2, 1) if quick else (1, 3, 2)
+    infer_seconds = infer_seconds or (QUICK_INFERENCE_SECONDS if quick else INFERENCE_SECONDS)
+    results: dict[str, Any] = dict(
+        device="cuda" if torch.cuda.is_available() else "cpu", cpu_model=_cpu_model(),
+        cores=os.cpu_count(), torch_version=torch.__version__, quick=quick,
+        preset_source=preset_source or "given", isolated=isolate,
+        omp_wait_policy=os.environ.get("OMP_WAIT_POLICY", OMP_WAIT_POLICY) if isolate
+        else os.environ.get("OMP_WAIT_POLICY", "default"), cases={})
+    cases = results["cases"]
+
+    for name, c in (("thesis", conf), ("preset", preset_conf)):
+        kwargs = model_kwargs_of(c)
+        t = c["training"]
+        base = dict(kind="train", kwargs=kwargs, batch=t["batch_size"], seconds=t["segment_s"],
+                    warmup=warmup, steps=steps, threads=_threads_of(c, threads), seed=seed,
+                    lr=c["optim"]["lr"])
+        for impl in ("stock", "fast"):
+            log(f"training step, {name}, {impl} ...")
+            cases[f"train_{name}_{impl}"] = run_case(dict(base, impl=impl))
+            log(f"  {cases[f'train_{name}_{impl}']['step_s']:.3f} s/step")
+        stock, ours = cases[f"train_{name}_stock"], cases[f"train_{name}_fast"]
+        results[f"train_speedup_{name}"] = stock["step_s"] / ours["step_s"]
+        results[f"train_step_s_{name}_stock"] = stock["step_s"]
+        results[f"train_step_s_{name}_ours"] = ours["step_s"]
+        results[f"train_memory_ratio_{name}"] = (stock["peak_rss_growth_mb"]
+                                                 / max(ours["peak_rss_growth_mb"], 1e-6))
+        results[f"threads_{name}"] = base["threads"]
+        log(f"train {name}: stock {stock['step_s']:.3f} s, ours {ours['step_s']:.3f} s -> "
+            f"{results[f'train_speedup_{name}']:.2f}x; peak memory {stock['peak_rss_growth_mb']:.0f}"
+            f" vs {ours['peak_rss_growth_mb']:.0f} MB")
+
+    thesis_kwargs = model_kwargs_of(conf)
+    for impl in ("stock", "fast"):
+        log(f"inference on {infer_seconds:.0f} s, thesis, {impl} ...")
+        cases[f"infer_thesis_{impl}"] = run_case(dict(
+            kind="infer", kwargs=thesis_kwargs, impl=impl, seconds=infer_seconds, reps=reps,
+            threads=_threads_of(conf, threads), seed=seed))
+    results["rtf_thesis_stock"] = cases["infer_thesis_stock"]["rtf"]
+    results["rtf_thesis_ours"] = cases["infer_thesis_fast"]["rtf"]
+    results["infer_speedup_thesis"] = results["rtf_thesis_stock"] / results["rtf_thesis_ours"]
+    log(f"inference thesis: RTF stock {results['rtf_thesis_stock']:.3f}, ours "
+        f"{results['rtf_thesis_ours']:.3f} -> {results['infer_speedup_thesis']:.2f}x")
+
+    log("parity (stock weights in ours) ...")
+    results["parity"] = {name: run_case(dict(
+        kind="parity", kwargs=model_kwargs_of(c), seconds=parity_seconds,
+        threads=_threads_of(c, threads), seed=seed))
+        for name, c in (("thesis", conf), ("preset", preset_conf))}
+    results["parity_ok"] = all(p["ok"] for p in results["parity"].values())
+    for name, p in results["parity"].items():
+        log(f"parity {name}: float32 output {p['output_rel_error']:.1e}, inference "
+            f"{p['inference_rel_error']:.1e}, gradients {p['grad_rel_error']:.1e} (worst "
+            f"parameter {p['max_param_grad_rel_error']:.1e}, {p['worst_param']}); float64 "
+            f"output {p['float64_output_rel_error']:.1e}, worst gradient "
+            f"{p['float64_max_param_grad_rel_error']:.1e} -> {'ok' if p['ok'] else 'FAILED'}")
+
+    log("BSS Eval SDR: fast_bss_eval vs mir_eval ...")
+    # One thread: torch's batched float64 linalg.solve (fast_bss_eval) fails with MKL on
+    # several threads in this torch build (pytorch/pytorch#142815).
+    sdr = run_case(dict(
+        kind="sdr", n_signals=1 if quick else 3,
+        seconds=min(2.0, conf["training"]["segment_s"]) if quick else conf["training"]["segment_s"],
+        sample_rate=conf["clips"]["sample_rate"], threads=1, seed=seed))
+    results["eval_sdr"] = sdr
+    results["eval_sdr_speedup"] = sdr["speedup"]
+    log(f"SDR: mir_eval {sdr['mir_eval_s']:.2f} s, fast_bss_eval {sdr['fast_bss_eval_s']:.3f} s -> "
+        f"{sdr['speedup']:.1f}x; max difference {sdr['max_abs_diff_db']:.4f} dB")
+
+    if data_dir is not None:
+        log("data loading ...")
+        loading = time_data_loading(conf, data_dir, 3 if quick else 10)
+        results["data_loading"] = loading
+        results["data_batch_s"] = loading["batch_s"]
+        results["data_vs_train_step_ours"] = loading["batch_s"] / results["train_step_s_thesis_ours"]
+        log(f"data: {loading['batch_s']:.3f} s per batch = "
+            f"{results['data_vs_train_step_ours']:.2f} of a training step (ours, thesis)")
+
+    if torch.cuda.is_available():
+        _gpu_cases(results, thesis_kwargs, conf, warmup, steps, seed, run_case, log)
+
+    if json_path is not None:
+        from utils.atomic import atomic_write_text
+
+        atomic_write_text(json_path, json.dumps(results, indent=2, default=str) + "\n")
+        log(f"wrote {json_path}")
+    return results
+
+
+def _gpu_cases(results, kwargs, conf, warmup, steps, seed, run_case, log) -> None:
+    t = conf["training"]
+    base = dict(kind="train", kwargs=kwargs, batch=t["batch_size"], seconds=t["segment_s"],
+                warmup=warmup + 1, steps=steps, threads=torch.get_num_threads(), seed=seed,
+                lr=conf["optim"]["lr"], device="cuda")
+    stock = run_case(dict(base, impl="stock"))
+    ours = run_case(dict(base, impl="fast", bf16=True))
+    results["cases"].update(gpu_train_thesis_stock_fp32=stock, gpu_train_thesis_ours_bf16=ours)
+    results["gpu_samples_per_s_stock_fp32"] = stock["samples_per_s"]
+    results["gpu_samples_per_s_ours_bf16"] = ours["samples_per_s"]
+    results["gpu_train_speedup"] = ours["samples_per_s"] / stock["samples_per_s"]
+    log(f"GPU training: stock fp32 {stock['samples_per_s']:.1f} samples/s, ours bf16 "
+        f"{ours['samples_per_s']:.1f} samples/s -> {results['gpu_train_speedup']:.2f}x")
+
+
+def _add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--preset_conf", default="conf_cpu.yml",
+                        help="CPU preset conf (its model and training sections are used)")
+    parser.add_argument("--json", dest="json_path", default=None, help="write the figures here")
+    parser.add_argument("--quick", action="store_true",
+                        help="fewer steps and a 10 s mixture (development)")
+    parser.add_argument("--data_dir", default=None, help="also time BSDDataset batch loading")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads for every case (default: each conf's num_threads)")
+    parser.add_argument("--in_process", action="store_true",
+                        help="run the cases in this process (quicker start; memory figures "
+                             "then include earlier cases)")
+
+
+def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--run_case"]:  # internal: one case, in the subprocess
+        result = _run_case(json.loads(argv[1]))
+        print(json.dumps(result))
+        return result
+    args, conf = parse_stage_args(__doc__.splitlines()[0], argv, _add_arguments)
+    preset, source = load_preset(args.preset_conf, conf)
+    if not Path(args.preset_conf).is_file():
+        print(f"note: {args.preset_conf} not found; preset = {source}")
+    results = run_benchmark(conf, preset, quick=args.quick, threads=args.threads,
+                            data_dir=args.data_dir, json_path=args.json_path,
+                            preset_source=source, isolate=not args.in_process)
+    print(f"summary: training {results['train_speedup_thesis']:.2f}x (thesis), "
+          f"{results['train_speedup_preset']:.2f}x (preset); inference RTF "
+          f"{results['rtf_thesis_ours']:.3f} vs {results['rtf_thesis_stock']:.3f} "
+          f"({results['infer_speedup_thesis']:.2f}x); SDR eval {results['eval_sdr_speedup']:.1f}x; "
+          f"parity {'ok' if results['parity_ok'] else 'FAILED'}")
+    return results
+
+
+if __name__ == "__main__":
+    main()

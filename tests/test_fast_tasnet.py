@@ -1,0 +1,231 @@
+"""FastConvTasNet against asteroid's ConvTasNet: same outputs and gradients for every recipe
+variant, state dicts and serialised models interchangeable, and the benchmark's quick run."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from asteroid.models import ConvTasNet
+
+from conftest import TINY_MODEL
+from fast_tasnet import FastConvTasNet, masker_supported
+from local import benchmark
+from model import model_kwargs
+from utils.config import read_conf, write_conf
+
+# A little deeper than TINY_MODEL so that dilations reach past the frames of the short inputs
+# (taps that never overlap) and blocks of both norms are exercised.
+PARITY_MODEL = dict(TINY_MODEL, n_filters=24, bn_chan=12, hid_chan=20, skip_chan=10, n_blocks=6)
+SAMPLES = 400   # 49 frames: dilations 1..32
+
+VARIANTS = {
+    "gLN-sigmoid-linear": dict(),
+    "cLN-softmax": dict(norm_type="cLN", mask_act="softmax"),
+    "causal-cLN": dict(norm_type="cLN", causal=True),
+    "relu-encoder-relu-mask": dict(encoder="relu", mask_act="relu"),
+    "pinv-decoder": dict(encoder="pinv"),
+    "3-sources-P5": dict(n_src=3, conv_kernel_size=5),
+}
+
+
+@pytest.fixture
+def conf(repo_root):
+    return read_conf(repo_root / "conf.yml")
+
+
+def kwargs_for(conf, **model):
+    conf["model"].update(PARITY_MODEL, **model)
+    return model_kwargs(conf)
+
+
+def perturbed_pair(kwargs, seed=0):
+    """Stock model with non-trivial norms and PReLUs, and ours with its weights (strict)."""
+    torch.manual_seed(seed)
+    stock = ConvTasNet(**kwargs)
+    with torch.no_grad():
+        for param in stock.parameters():
+            param.add_(0.1 * torch.randn_like(param))
+        # Negative PReLU slopes take the backward path that keeps the PReLU input.
+        stock.masker.TCN[0].shared_block[1].weight.fill_(-0.3)
+        stock.masker.TCN[1].shared_block[4].weight.fill_(-0.2)
+    ours = FastConvTasNet(**kwargs)
+    ours.load_state_dict(stock.state_dict(), strict=True)
+    return stock, ours
+
+
+def relative(a, b):
+    return float((a - b).norm() / b.norm())
+
+
+def forward_backward(model, mixture, weights):
+    model.zero_grad()
+    estimates = model(mixture)
+    (estimates * weights).sum().backward()
+    return estimates.detach(), {n: p.grad for n, p in model.named_parameters()}
+
+
+def assert_same_grads(ours, stock, tol):
+    assert ours.keys() == stock.keys()
+    for name in stock:
+        if stock[name] is None:   # the last block's residual conv feeds nothing
+            assert ours[name] is None or not ours[name].any(), name
+            continue
+        assert relative(ours[name], stock[name]) < tol, (name, relative(ours[name], stock[name]))
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("impl", ["function", "autograd"])
+def test_outputs_and_gradients_equal_asteroid_in_float64(conf, variant, impl):
+    """Exact math (float64): the CPU autograd functions and the device-generic path."""
+    stock, ours = perturbed_pair(kwargs_for(conf, **VARIANTS[variant]))
+    stock.double()
+    ours.double()
+    ours.impl = impl
+    mixture = torch.randn(2, SAMPLES, dtype=torch.float64)
+    weights = torch.randn(2, stock.masker.n_src, SAMPLES, dtype=torch.float64)
+    out_stock, grads_stock = forward_backward(stock, mixture, weights)
+    out_ours, grads_ours = forward_backward(ours, mixture, weights)
+    assert relative(out_ours, out_stock) < 1e-10
+    assert_same_grads(grads_ours, grads_stock, 1e-8)
+    with torch.no_grad():
+        assert relative(ours(mixture), out_stock) < 1e-10
+
+
+@pytest.mark.parametrize("variant", ["gLN-sigmoid-linear", "cLN-softmax", "pinv-decoder"])
+def test_float32_parity_within_benchmark_tolerances(conf, variant):
+    stock, ours = perturbed_pair(kwargs_for(conf, **VARIANTS[variant]))
+    mixture, weights = torch.randn(3, SAMPLES), torch.randn(3, 2, SAMPLES)
+    out_stock, grads_stock = forward_backward(stock, mixture, weights)
+    out_ours, grads_ours = forward_backward(ours, mixture, weights)
+    assert (out_ours - out_stock).abs().max() <= 1e-4 * out_stock.abs().max()
+    assert_same_grads(grads_ours, grads_stock, 1e-3)
+    with torch.inference_mode():
+        assert relative(ours(mixture), out_stock) < 1e-5
+
+
+def test_shapes_follow_asteroid(conf):
+    stock, ours = perturbed_pair(kwargs_for(conf))
+    with torch.no_grad():
+        for wav in (torch.randn(SAMPLES), torch.randn(2, SAMPLES), torch.randn(2, 1, SAMPLES + 3)):
+            expected = stock(wav)
+            assert ours(wav).shape == expected.shape
+            assert torch.allclose(ours(wav), expected, atol=1e-5)
+        tf_rep = stock.forward_encoder(torch.randn(2, 1, SAMPLES))
+        assert torch.allclose(ours.forward_masker(tf_rep), stock.forward_masker(tf_rep), atol=1e-5)
+
+
+def test_training_after_inference_mode(conf):
+    """Scratch buffers made under inference_mode must not leak into training."""
+    stock, ours = perturbed_pair(kwargs_for(conf))
+    mixture = torch.randn(2, SAMPLES)
+    with torch.inference_mode():
+        ours(mixture)
+    out_stock, grads_stock = forward_backward(stock, mixture, torch.ones(2, 2, SAMPLES))
+    out_ours, grads_ours = forward_backward(ours, mixture, torch.ones(2, 2, SAMPLES))
+    assert_same_grads(grads_ours, grads_stock, 1e-3)
+
+
+def test_unsupported_norm_falls_back_to_asteroid(conf):
+    kwargs = kwargs_for(conf, norm_type="cgLN", causal=True)
+    stock, ours = perturbed_pair(kwargs)
+    assert not masker_supported(ours.masker)
+    mixture = torch.randn(2, SAMPLES)
+    with torch.no_grad():
+        assert torch.allclose(ours(mixture), stock(mixture), atol=1e-6)
+
+
+def test_state_dicts_load_both_ways_strictly(conf):
+    kwargs = kwargs_for(conf)
+    stock, ours = perturbed_pair(kwargs, seed=1)
+    assert list(ours.state_dict()) == list(stock.state_dict())
+    back = ConvTasNet(**kwargs)
+    back.load_state_dict(ours.state_dict(), strict=True)
+    mixture = torch.randn(1, SAMPLES)
+    with torch.no_grad():
+        assert torch.equal(back(mixture), stock(mixture))
+
+
+@pytest.mark.parametrize("encoder", ["linear", "pinv"])
+def test_serialised_model_loads_in_asteroid_and_in_ours(conf, tmp_path, encoder):
+    stock, ours = perturbed_pair(kwargs_for(conf, encoder=encoder), seed=2)
+    path = tmp_path / "best_model.pth"
+    torch.save(ours.serialize(), path)
+    mixture = torch.randn(1, SAMPLES)
+    with torch.no_grad():
+        expected = stock(mixture)
+        by_asteroid = ConvTasNet.from_pretrained(str(path))
+        by_ours = FastConvTasNet.from_pretrained(str(path))
+        assert type(by_asteroid) is ConvTasNet and type(by_ours) is FastConvTasNet
+        assert by_asteroid.decoder.is_pinv == by_ours.decoder.is_pinv == (encoder == "pinv")
+        assert torch.allclose(by_asteroid(mixture), expected, atol=1e-6)
+        assert torch.allclose(by_ours(mixture), expected, atol=1e-5)
+        if encoder == "linear":  # asteroid's serialize() forgets who_is_pinv (model.py)
+            # asteroid's own serialisation (a dict) loads into ours too.
+            assert torch.allclose(FastConvTasNet.from_pretrained(stock.serialize())(mixture),
+                                  expected, atol=1e-5)
+    with pytest.raises(ValueError, match="ConvTasNet"):
+        FastConvTasNet.from_pretrained(dict(ours.serialize(), model_name="DPRNNTasNet"))
+
+
+def tiny_confs(conf, tmp_path):
+    conf["model"].update(TINY_MODEL)
+    conf["training"].update(segment_s=0.5, num_threads=1)
+    thesis, preset = tmp_path / "conf.yml", tmp_path / "conf_cpu.yml"
+    write_conf(conf, thesis)
+    conf["model"].update(n_blocks=3)
+    write_conf(conf, preset)
+    return thesis, preset
+
+
+def test_benchmark_quick_run_writes_the_figures(conf, tmp_path):
+    thesis, preset = tiny_confs(conf, tmp_path)
+    out = tmp_path / "bench.json"
+    benchmark.main(["--quick", "--in_process", "--conf", str(thesis), "--preset_conf", str(preset),
+                    "--json", str(out)])
+    figures = json.loads(out.read_text())
+    for key in ["train_speedup_thesis", "train_speedup_preset", "rtf_thesis_ours",
+                "rtf_thesis_stock", "infer_speedup_thesis", "eval_sdr_speedup", "parity_ok",
+                "device", "torch_version", "threads_thesis", "cpu_model"]:
+        assert key in figures, key
+    assert figures["parity_ok"] is True and figures["eval_sdr"]["agree"] is True
+    assert figures["train_speedup_thesis"] > 0 and figures["rtf_thesis_ours"] > 0
+    assert figures["cases"]["train_preset_fast"]["peak_rss_growth_mb"] >= 0
+
+
+def test_benchmark_case_runs_in_a_fresh_process(conf, tmp_path):
+    conf["model"].update(TINY_MODEL)
+    result = benchmark.run_case_in_subprocess(dict(
+        kind="parity", kwargs=model_kwargs(conf), seconds=0.25, threads=1, seed=0))
+    assert result["ok"] is True and result["output_rel_error"] < 1e-4
+
+
+def test_missing_preset_falls_back_to_the_documented_model(conf, tmp_path):
+    preset, source = benchmark.load_preset(tmp_path / "absent.yml", conf)
+    assert "fallback" in source
+    assert preset["model"]["n_filters"] == benchmark.FALLBACK_PRESET_MODEL["n_filters"]
+    assert conf["model"]["n_filters"] != preset["model"]["n_filters"]
+
+
+def test_data_loading_is_timed_through_the_recipe_dataset(conf, tmp_path):
+    import numpy as np
+    import pandas as pd
+
+    from utils.audio import write_wav
+
+    sample_rate = conf["clips"]["sample_rate"]
+    split_dir = tmp_path / "BSD-2mix"
+    rows = []
+    rng = np.random.default_rng(0)
+    for k in range(6):
+        sources = rng.standard_normal((2, sample_rate // 2)).astype(np.float32) * 0.1
+        paths = {}
+        for name, audio in (("mix", sources.sum(0)), ("s1", sources[0]), ("s2", sources[1])):
+            paths[name] = f"tr/{name}/m{k}.wav"
+            write_wav(split_dir / paths[name], audio, sample_rate)
+        rows.append(dict(mixture_id=f"m{k}", mixture_path=paths["mix"], source_1_path=paths["s1"],
+                         source_2_path=paths["s2"], length=sample_rate // 2))
+    pd.DataFrame(rows).to_csv(split_dir / "tr.csv", index=False)
+    conf["training"].update(batch_size=2, segment_s=0.25, num_workers=0)
+    loading = benchmark.time_data_loading(conf, tmp_path, n_batches=2)
+    assert loading["n_batches"] == 2 and loading["batch_s"] > 0
