@@ -12,7 +12,9 @@ with the command-line overrides applied.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import shutil
 import sys
 from pathlib import Path
 from typing import Callable, Sequence
@@ -29,6 +31,7 @@ from model import load_best_model
 from utils.atomic import atomic_path, atomic_write_text
 from utils.audio import write_wav
 from utils.config import Conf, ConfError, parse_stage_args, read_conf
+from utils.stage_marker import clear_done, is_done, mark_done
 
 REPO_ROOT = Path(__file__).resolve().parent
 # Per-source columns of the split csv copied to the per-utterance table.
@@ -177,6 +180,10 @@ def _score_split(dataset: BSDDataset, separate: Separator | None, settings: dict
     return pd.DataFrame(rows)
 
 
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
 def _summary(df: pd.DataFrame, with_model: bool, with_oracles: bool) -> dict:
     summary: dict = {}
     if with_model:
@@ -205,10 +212,21 @@ def evaluate(conf: Conf, data_dir: str | Path, exp_dir: str | Path) -> dict:
     if getattr(model, "sample_rate", sample_rate) != sample_rate:
         raise ConfError(f"model trained at {model.sample_rate} Hz, data at {sample_rate} Hz "
                         "(--sample_rate)")
+    eval_dir = exp_dir / "eval"
+    # Done-marker: the same model, data and settings are not evaluated twice.
+    marker_params = {**settings, "n_src": n_src, "sample_rate": sample_rate,
+                     "csv": str(csv_path.resolve()), "csv_sha256": _sha256(csv_path),
+                     "model_sha256": _sha256(exp_dir / "best_model.pth")}
+    if is_done(eval_dir, "eval", marker_params) and (eval_dir / "final_metrics.json").is_file():
+        metrics = json.loads((eval_dir / "final_metrics.json").read_text())
+        print(f"eval: already done for this model, data and settings -> {eval_dir} "
+              f"(SI-SNRi {metrics['si_sdr_imp']:.2f} dB, SDRi {metrics['sdr_imp']:.2f} dB)")
+        return metrics
+    clear_done(eval_dir, "eval")
+    shutil.rmtree(eval_dir / "examples", ignore_errors=True)  # none left from another run
     device = _device()
     model = model.to(device).eval()
 
-    eval_dir = exp_dir / "eval"
     df = _score_split(dataset, _model_separator(model), settings, sample_rate,
                       settings["oracles"], eval_dir / "examples", device, desc=f"eval {exp_dir.name}")
     with atomic_path(eval_dir / "per_utterance.csv") as tmp:
@@ -227,6 +245,7 @@ def evaluate(conf: Conf, data_dir: str | Path, exp_dir: str | Path) -> dict:
         line += " (oracle SI-SNRi " + ", ".join(
             f"{ORACLE_TITLES[name]} {metrics['oracle'][name]['si_sdr_imp']:.2f}" for name in ORACLE_MASKS) + ")"
     print(f"{line} -> {eval_dir}")
+    mark_done(eval_dir, "eval", marker_params)
     return metrics
 
 

@@ -134,6 +134,17 @@ def test_eval_end_to_end(tiny_bsd, tiny_exp):
             assert sr == SR and estimate.shape == reference.shape == (row["length"],)
             assert si_snr_db(estimate, reference) == pytest.approx(row[f"source_{k}_si_sdr"], abs=1e-2)
 
+    # A rerun with the same model, data and settings is skipped; other settings redo it
+    # and leave no examples of the previous run.
+    mtime = (eval_dir / "per_utterance.csv").stat().st_mtime_ns
+    assert eval_stage.main(["--data_dir", str(data_dir), "--exp_dir", str(tiny_exp),
+                            "--n_save_examples", "2"]) == metrics
+    assert (eval_dir / "per_utterance.csv").stat().st_mtime_ns == mtime
+    eval_stage.main(["--data_dir", str(data_dir), "--exp_dir", str(tiny_exp),
+                     "--n_save_examples", "1"])
+    assert (eval_dir / "per_utterance.csv").stat().st_mtime_ns != mtime
+    assert len(list((eval_dir / "examples").iterdir())) == 1
+
 
 def test_mir_eval_backend_agrees(tiny_bsd, tiny_exp, tmp_path):
     """The slow reference path (--sdr_backend mir_eval) gives the same SDRs, without oracles."""
