@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import soundfile as sf
@@ -71,3 +72,24 @@ def test_rerun_skips_finished_stages(repo_root, xc_dump, recipe_data):
     log = out.stdout + out.stderr
     assert "already done" in log and "up to date" in log and "skipped" in log
     assert before == {p: p.stat().st_mtime_ns for p in data_dir.rglob("*.csv")}
+
+
+def test_stages_3_and_4_train_and_evaluate_a_tiny_model(repo_root, recipe_data, tmp_path):
+    """run.sh stage 3 then stage 4 alone: the derived tag finds the same experiment."""
+    data_dir, _ = recipe_data
+    tiny = ["--n_filters", "16", "--bn_chan", "8", "--hid_chan", "16", "--skip_chan", "8",
+            "--n_blocks", "2", "--n_repeats", "1", "--epochs", "1", "--batch_size", "2",
+            "--segment_s", "1.0", "--num_workers", "0", "--n_save_examples", "1",
+            "--oracles", "false"]
+    common = ["--data_dir", str(data_dir), "--exp_root", str(tmp_path), *tiny]
+    run_recipe(repo_root, "--stage", "3", "--stop_stage", "3", *common)
+    (exp_dir,) = tmp_path.iterdir()
+    assert exp_dir.name.startswith("conf_n_filters16_bn_chan8")
+    for name in ("conf.yml", "run_command.txt", "best_model.pth", "best_k_models.json",
+                 "checkpoints/last.ckpt"):
+        assert (exp_dir / name).is_file(), name
+    run_recipe(repo_root, "--stage", "4", "--stop_stage", "4", *common)
+    metrics = json.loads((exp_dir / "eval" / "final_metrics.json").read_text())
+    tt = json.loads((data_dir / "BSD-2mix" / "dataset.json").read_text())["splits"]["tt"]
+    assert metrics["n_utterances"] == tt["n_mixtures"]
+    assert np.isfinite(metrics["si_sdr_imp"]) and np.isfinite(metrics["sdr_imp"])
