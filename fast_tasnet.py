@@ -284,6 +284,21 @@ def _prelu_backward_(grad: torch.Tensor, saved: torch.Tensor, slope: float, is_r
 # ----------------------------------------------------------------------------------------------
 # Autograd functions (CPU, float32).
 # ----------------------------------------------------------------------------------------------
+def _first_conv_backward(grad_p, saved1, a1, is_result1, x, w_in, grad_x_out, n_res):
+    """Backward of a block's first 1x1 conv and PReLU, shared by both block kernels.
+    Returns (grad_x (batch*frames, chans), grad_w_in, grad_b_in, grad_slope1)."""
+    hid, chans = w_in.shape
+    grad_slope1 = _prelu_backward_(grad_p, saved1, a1, is_result1)
+    grad_u2d = grad_p.view(-1, hid)
+    grad_b_in = grad_u2d.sum(0)
+    grad_w_in = torch.mm(grad_u2d.t(), x.view(-1, chans))
+    if grad_x_out is not None and n_res:   # residual: the GEMM adds to the incoming grad
+        grad_x = torch.addmm(grad_x_out.reshape(-1, chans), grad_u2d, w_in)
+    else:
+        grad_x = torch.mm(grad_u2d, w_in)
+    return grad_x, grad_w_in, grad_b_in, grad_slope1
+
+
 class _NormLinearFunction(torch.autograd.Function):
     """z = linear(norm(x)) with the norm's affine folded in the weights (see above)."""
 
@@ -385,15 +400,8 @@ class _BlockFunction(torch.autograd.Function):
             grad_p, grad_gamma1, grad_beta1 = torch.ops.aten.native_layer_norm_backward(
                 grad_p, p, [hid], mean1, rstd1, gamma1, beta1, [True, True, True])
         del p
-        # First PReLU and 1x1 conv.
-        grad_slope1 = _prelu_backward_(grad_p, saved1, a1, is_result1)
-        grad_u2d = grad_p.view(-1, hid)
-        grad_b_in = grad_u2d.sum(0)
-        grad_w_in = torch.mm(grad_u2d.t(), x.view(-1, chans))
-        if grad_x_out is not None and n_res:   # residual: the GEMM adds to the incoming grad
-            grad_x = torch.addmm(grad_x_out.reshape(-1, chans), grad_u2d, w_in)
-        else:
-            grad_x = torch.mm(grad_u2d, w_in)
+        grad_x, grad_w_in, grad_b_in, grad_slope1 = _first_conv_backward(
+            grad_p, saved1, a1, is_result1, x, w_in, grad_x_out, n_res)
         grad_skip = grad_skip_out if had_skip else None
         return (grad_x.view(batch, frames, chans), grad_skip, grad_w_in, grad_b_in, grad_slope1,
                 grad_gamma1, grad_beta1, grad_taps, grad_b_dw, grad_slope2, grad_w_out,
@@ -533,7 +541,6 @@ class _GlobalNormBlockFunction(torch.autograd.Function):
         # Depthwise convolution of the normalised first activation (scale1 * p + shift1).
         p = saved1 if is_result1 else F.leaky_relu(saved1, a1)
         scale1 = (rstd1 * gamma1).view(batch, hid)
-        shift1 = beta1 - mean1.view(batch, 1) * scale1
         item_dv = grad_v.sum(1)                                         # (B, H)
         m1, r1 = mean1.view(batch, 1), rstd1.view(batch, 1)
         grad_b_dw = item_dv.sum(0)
@@ -570,15 +577,8 @@ class _GlobalNormBlockFunction(torch.autograd.Function):
         item_taps = taps[:, None, None, :] * scale1[:, None, :]
         _depthwise(grad_v, item_taps, None, [-o for o in offsets], out=grad_p, accumulate=True)
         del grad_v, grad_q
-        # First PReLU and 1x1 conv.
-        grad_slope1 = _prelu_backward_(grad_p, saved1, a1, is_result1)
-        grad_u2d = grad_p.view(-1, hid)
-        grad_b_in = grad_u2d.sum(0)
-        grad_w_in = torch.mm(grad_u2d.t(), x.view(-1, chans))
-        if grad_x_out is not None and n_res:   # residual: the GEMM adds to the incoming grad
-            grad_x = torch.addmm(grad_x_out.reshape(-1, chans), grad_u2d, w_in)
-        else:
-            grad_x = torch.mm(grad_u2d, w_in)
+        grad_x, grad_w_in, grad_b_in, grad_slope1 = _first_conv_backward(
+            grad_p, saved1, a1, is_result1, x, w_in, grad_x_out, n_res)
         grad_skip = grad_skip_out if had_skip else None
         return (grad_x.view(batch, frames, chans), grad_skip, grad_w_in, grad_b_in, grad_slope1,
                 grad_gamma1, grad_beta1, grad_taps, grad_b_dw, grad_slope2, grad_w_out,
