@@ -37,12 +37,8 @@ from typing import Any, Callable, Optional
 import numpy as np
 import torch
 
-from utils.config import Conf, parse_stage_args, read_conf
+from utils.config import Conf, ConfError, parse_stage_args, read_conf
 
-# Used only when the preset file is missing: a small Conv-TasNet of the CPU-preset kind.
-FALLBACK_PRESET_MODEL = dict(n_filters=128, kernel_size=32, bn_chan=64, hid_chan=128,
-                             skip_chan=64, n_blocks=8, n_repeats=2)
-FALLBACK_PRESET_TRAINING = dict(segment_s=2.0, num_threads=1)
 # Acceptance thresholds of the parity check (relative errors).
 OUTPUT_TOLERANCE = 1e-4
 GRADIENT_TOLERANCE = 1e-3
@@ -328,17 +324,6 @@ def _threads_of(conf: Conf, threads: Optional[int]) -> int:
     return wanted if wanted and wanted > 0 else torch.get_num_threads()
 
 
-def load_preset(path: str | Path, conf: Conf) -> tuple[Conf, str]:
-    """The CPU preset's conf, or `conf` with the documented fallback model if the file is missing."""
-    path = Path(path)
-    if path.is_file():
-        return read_conf(path), str(path)
-    preset = {section: dict(values) for section, values in conf.items()}
-    preset["model"].update(FALLBACK_PRESET_MODEL)
-    preset["training"].update(FALLBACK_PRESET_TRAINING)
-    return preset, f"fallback (no {path}): {FALLBACK_PRESET_MODEL}"
-
-
 def run_case_in_process(case: dict[str, Any]) -> dict[str, Any]:
     """Run one case here (quicker; peak-memory figures then include earlier cases' peaks)."""
     previous = torch.get_num_threads()
@@ -482,9 +467,10 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         print(json.dumps(result))
         return result
     args, conf = parse_stage_args(__doc__.splitlines()[0], argv, _add_arguments)
-    preset, source = load_preset(args.preset_conf, conf)
-    if not Path(args.preset_conf).is_file():
-        print(f"note: {args.preset_conf} not found; preset = {source}")
+    try:
+        preset, source = read_conf(args.preset_conf), str(args.preset_conf)
+    except ConfError as err:
+        sys.exit(f"benchmark: CPU preset: {err}")
     results = run_benchmark(conf, preset, quick=args.quick, threads=args.threads,
                             data_dir=args.data_dir, json_path=args.json_path,
                             preset_source=source, isolate=not args.in_process)

@@ -200,11 +200,9 @@ def test_benchmark_case_runs_in_a_fresh_process(conf, tmp_path):
     assert result["ok"] is True and result["output_rel_error"] < 1e-4
 
 
-def test_missing_preset_falls_back_to_the_documented_model(conf, tmp_path):
-    preset, source = benchmark.load_preset(tmp_path / "absent.yml", conf)
-    assert "fallback" in source
-    assert preset["model"]["n_filters"] == benchmark.FALLBACK_PRESET_MODEL["n_filters"]
-    assert conf["model"]["n_filters"] != preset["model"]["n_filters"]
+def test_missing_preset_is_a_clear_error(tmp_path):
+    with pytest.raises(SystemExit):
+        benchmark.main(["--preset_conf", str(tmp_path / "absent.yml"), "--quick"])
 
 
 def test_data_loading_is_timed_through_the_recipe_dataset(conf, tmp_path):
