@@ -19,6 +19,10 @@ faster implementation:
   reuses scratch buffers instead of allocating, and computes its reductions with torch's
   cascade sums in chunks (long BLAS dot products would lose digits).  Without autograd
   (inference) two buffers serve all blocks.
+* gLN blocks with positive PReLU slopes (the usual case) run their elementwise steps and
+  reductions through the fused C kernels of tcn_native.py (one pass where torch needs several;
+  built on first use with the system's C compiler); without a compiler, or with
+  BIRDSEP_NATIVE=0, the same math runs on torch operators.
 * Elsewhere (CUDA, autocast, float64 unless `impl="function"`) the same channels-last
   formulation runs on plain autograd operators, with gLN statistics in float32 or better.
 
@@ -45,6 +49,8 @@ from asteroid.models import ConvTasNet
 from asteroid.utils.hub_utils import cached_download
 from asteroid.utils.torch_utils import pad_x_to_y
 from asteroid_filterbanks import FreeFB
+
+import tcn_native
 
 # asteroid's norms add this to the variance (norms.GlobLN / ChanLN default EPS).
 NORM_EPS = 1e-8
@@ -284,18 +290,24 @@ def _prelu_backward_(grad: torch.Tensor, saved: torch.Tensor, slope: float, is_r
 # ----------------------------------------------------------------------------------------------
 # Autograd functions (CPU, float32).
 # ----------------------------------------------------------------------------------------------
-def _first_conv_backward(grad_p, saved1, a1, is_result1, x, w_in, grad_x_out, n_res):
-    """Backward of a block's first 1x1 conv and PReLU, shared by both block kernels.
-    Returns (grad_x (batch*frames, chans), grad_w_in, grad_b_in, grad_slope1)."""
+def _first_conv_gemms(grad_u, x, w_in, grad_x_out, n_res):
+    """GEMMs of a block's first 1x1 conv backward: (grad_x (batch*frames, chans), grad_w_in)."""
     hid, chans = w_in.shape
-    grad_slope1 = _prelu_backward_(grad_p, saved1, a1, is_result1)
-    grad_u2d = grad_p.view(-1, hid)
-    grad_b_in = grad_u2d.sum(0)
+    grad_u2d = grad_u.view(-1, hid)
     grad_w_in = torch.mm(grad_u2d.t(), x.view(-1, chans))
     if grad_x_out is not None and n_res:   # residual: the GEMM adds to the incoming grad
         grad_x = torch.addmm(grad_x_out.reshape(-1, chans), grad_u2d, w_in)
     else:
         grad_x = torch.mm(grad_u2d, w_in)
+    return grad_x, grad_w_in
+
+
+def _first_conv_backward(grad_p, saved1, a1, is_result1, x, w_in, grad_x_out, n_res):
+    """Backward of a block's first 1x1 conv and PReLU, shared by both block kernels.
+    Returns (grad_x (batch*frames, chans), grad_w_in, grad_b_in, grad_slope1)."""
+    grad_slope1 = _prelu_backward_(grad_p, saved1, a1, is_result1)
+    grad_b_in = grad_p.view(-1, w_in.shape[0]).sum(0)
+    grad_x, grad_w_in = _first_conv_gemms(grad_p, x, w_in, grad_x_out, n_res)
     return grad_x, grad_w_in, grad_b_in, grad_slope1
 
 
@@ -454,18 +466,46 @@ def _gln_output_gemms(q, rstd, mean, w_out, b_out, n_res, x, skip):
     return x_out, skip_out
 
 
+def _native_kernels(x: torch.Tensor, *slopes: float):
+    """tcn_native's kernels when they apply: CPU float32 and positive PReLU slopes (the
+    kernels keep the PReLU outputs only).  None otherwise."""
+    if x.device.type != "cpu" or x.dtype != torch.float32 or min(slopes) <= 0:
+        return None
+    return tcn_native.kernels()
+
+
+def _stats_from_sums(sums: torch.Tensor, count: int, like: torch.Tensor):
+    """gLN (mean, rstd) shaped (B, 1, 1) from per-item float64 (sum, sum of squares)."""
+    mean = sums[:, 0] / count
+    var = (sums[:, 1] / count - mean * mean).clamp_min_(0)
+    rstd = (var + NORM_EPS).rsqrt_()
+    return mean.to(like.dtype).view(-1, 1, 1), rstd.to(like.dtype).view(-1, 1, 1)
+
+
 def _gln_block_forward(x, skip, w_in, b_in, a1, gamma1, beta1, taps, b_dw, a2, w_out, b_out,
                        offsets, n_res, buffers=None):
     """Returns (x_out, skip_out, (saved1, is_result1, saved2, is_result2, stats))."""
     batch, frames, chans = x.shape
     hid = w_in.shape[0]
-    if buffers is None:
-        u = torch.addmm(b_in, x.view(-1, chans), w_in.t())
-        v = None
-    else:
-        u = torch.addmm(b_in, x.view(-1, chans), w_in.t(), out=buffers[0])
-        v = buffers[1]
-    u = u.view(batch, frames, hid)
+    native = _native_kernels(x, a1, a2)
+    u, v = (None, None) if buffers is None else buffers
+    if native is not None:
+        # 1x1 conv, then bias + PReLU + statistics in one pass; depthwise + PReLU + statistics
+        # in another.
+        u = torch.mm(x.view(-1, chans), w_in.t(), out=u).view(batch, frames, hid)
+        count = frames * hid
+        mean1, rstd1 = _stats_from_sums(native.bias_prelu_stats_(u, b_in.contiguous(), a1),
+                                        count, u)
+        scale1 = rstd1 * gamma1                                     # (B, 1, H)
+        shift1 = beta1 - mean1 * scale1
+        v = torch.empty_like(u) if v is None else v
+        sums2 = native.depthwise_prelu_stats(
+            u, (taps * scale1).contiguous(), (taps * shift1).contiguous(), b_dw.contiguous(),
+            tcn_native.offsets_tensor(offsets), a2, v)
+        mean2, rstd2 = _stats_from_sums(sums2, count, v)
+        x_out, skip_out = _gln_output_gemms(v, rstd2, mean2, w_out, b_out, n_res, x, skip)
+        return x_out, skip_out, (u, True, v, True, (mean1, rstd1, mean2, rstd2))
+    u = torch.addmm(b_in, x.view(-1, chans), w_in.t(), out=u).view(batch, frames, hid)
     p, saved1, is_result1 = _prelu_forward(u, a1, inplace=True)
     mean1, rstd1 = _norm_stats(p, "gLN")
     scale1 = rstd1 * gamma1
@@ -476,6 +516,33 @@ def _gln_block_forward(x, skip, w_in, b_in, a1, gamma1, beta1, taps, b_dw, a2, w
     x_out, skip_out = _gln_output_gemms(q, rstd2, mean2, w_out, b_out, n_res, x, skip)
     return x_out, skip_out, (saved1, is_result1, saved2, is_result2,
                              (mean1, rstd1, mean2, rstd2))
+
+
+def _gln_tap_sums(grad_v, p, taps, offsets, m1, scale1, beta1):
+    """Sums over time the depthwise convolution's backward needs (gLN blocks, torch ops):
+    (sum_t dv (B, H), tap gradients (P, H), sum_g, sum_gc), where per tap `valid` is the sum of
+    dv over the frames the tap reaches, dot_p = sum_t dv[t] (p[t + o] - mean) over them, and
+    sum_g = sum_k taps[k] valid_k, sum_gc = sum_k taps[k] dot_p_k (each (B, H))."""
+    frames, hid = p.shape[1], p.shape[2]
+    item_dv = grad_v.sum(1)                                         # (B, H)
+    grad_taps, sum_g, sum_gc = [], 0, 0
+    for k, offset in enumerate(offsets):
+        sl = _tap_slices(offset, frames)
+        if sl is None:
+            grad_taps.append(taps.new_zeros(hid))
+            continue
+        if offset > 0:
+            valid = item_dv - grad_v[:, frames - offset:].sum(1)
+        elif offset < 0:
+            valid = item_dv - grad_v[:, :-offset].sum(1)
+        else:
+            valid = item_dv
+        dot_p = _sum_over_time_of_product(grad_v[:, sl[0]], p[:, sl[1]]) - m1 * valid
+        # normalised input = scale1 * (p - mean) + beta1
+        grad_taps.append((scale1 * dot_p + beta1 * valid).sum(0))
+        sum_g = sum_g + taps[k] * valid
+        sum_gc = sum_gc + taps[k] * dot_p
+    return item_dv, torch.stack(grad_taps), sum_g, sum_gc
 
 
 class _GlobalNormBlockFunction(torch.autograd.Function):
@@ -531,38 +598,37 @@ class _GlobalNormBlockFunction(torch.autograd.Function):
         grad_w_out -= (rm2 * item_sums).sum(0).unsqueeze(1)
         grad_b_out = item_sums.sum(0)
         g_dot_s = (item_sums @ w_out.sum(1)).view(batch, 1, 1)
-        grad_rstd = _rows_dot(q, grad_q, "gLN") / rstd2 - mean2 * g_dot_s
+        p = saved1 if is_result1 else F.leaky_relu(saved1, a1)
+        native = _native_kernels(x, a1, a2)
+        if native is not None:
+            rows = native.rows_dot(q, grad_q).to(q.dtype).view(batch, 1, 1)
+        else:
+            rows = _rows_dot(q, grad_q, "gLN")
+        grad_rstd = rows / rstd2 - mean2 * g_dot_s
         n = frames * hid
         slope = (-rstd2.pow(3) / n) * grad_rstd
-        grad_q.addcmul_(q, slope).add_((-rstd2 * g_dot_s) / n - slope * mean2)
-        del q
-        grad_slope2 = _prelu_backward_(grad_q, saved2, a2, is_result2)
-        grad_v = grad_q
-        # Depthwise convolution of the normalised first activation (scale1 * p + shift1).
-        p = saved1 if is_result1 else F.leaky_relu(saved1, a1)
+        shift = (-rstd2 * g_dot_s) / n - slope * mean2
         scale1 = (rstd1 * gamma1).view(batch, hid)
-        item_dv = grad_v.sum(1)                                         # (B, H)
         m1, r1 = mean1.view(batch, 1), rstd1.view(batch, 1)
+        if native is not None:
+            # The norm's and PReLU's backward and the depthwise sums in one pass.
+            off = tcn_native.offsets_tensor(offsets)
+            neg2, item_dv, tap_sum, tap_dot = native.norm_prelu_backward_taps_(
+                grad_q, q, p, off, slope.view(-1).contiguous(), shift.view(-1).contiguous(), a2)
+            grad_slope2 = grad_q.new_tensor([float(neg2.sum()) / a2])
+            item_dv, valid, tap_dot = (t.to(q.dtype) for t in (item_dv, tap_sum, tap_dot))
+            dot_p = tap_dot - m1.unsqueeze(1) * valid                   # (B, P, H)
+            grad_taps = (scale1.unsqueeze(1) * dot_p + beta1 * valid).sum(0)
+            sum_g = (taps * valid).sum(1)
+            sum_gc = (taps * dot_p).sum(1)
+        else:
+            grad_q.addcmul_(q, slope).add_(shift)
+            grad_slope2 = _prelu_backward_(grad_q, saved2, a2, is_result2)
+            item_dv, grad_taps, sum_g, sum_gc = _gln_tap_sums(grad_q, p, taps, offsets, m1,
+                                                              scale1, beta1)
+        del q
+        grad_v = grad_q
         grad_b_dw = item_dv.sum(0)
-        grad_taps, sum_g, sum_gc = [], 0, 0
-        for k, offset in enumerate(offsets):
-            sl = _tap_slices(offset, frames)
-            if sl is None:
-                grad_taps.append(taps.new_zeros(hid))
-                continue
-            if offset > 0:
-                valid = item_dv - grad_v[:, frames - offset:].sum(1)
-            elif offset < 0:
-                valid = item_dv - grad_v[:, :-offset].sum(1)
-            else:
-                valid = item_dv
-            # sum_t dv[t] (p[t + o] - mean), as the norm's backward needs it.
-            dot_p = _sum_over_time_of_product(grad_v[:, sl[0]], p[:, sl[1]]) - m1 * valid
-            # normalised input = scale1 * (p - mean) + beta1
-            grad_taps.append((scale1 * dot_p + beta1 * valid).sum(0))
-            sum_g = sum_g + taps[k] * valid          # sum_t of the grad of the normalised input
-            sum_gc = sum_gc + taps[k] * dot_p        # ... times (p - mean)
-        grad_taps = torch.stack(grad_taps)
         # First norm (see the formulas of _BlockFunction).
         centred = sum_gc
         grad_beta1 = sum_g.sum(0)
@@ -571,14 +637,24 @@ class _GlobalNormBlockFunction(torch.autograd.Function):
         mean_gxhat_xhat = r1 * (centred * gamma1).sum(1, keepdim=True) / n
         coef_p = (-(r1 * r1) * mean_gxhat_xhat).view(batch, 1, 1)
         coef_c = (r1 * r1 * mean_gxhat_xhat * m1 - r1 * mean_gxhat).view(batch, 1, 1)
-        grad_p = torch.addcmul(coef_c, p, coef_p,
-                               out=_WORKSPACE.get("grad_hidden_b", p.shape, p))
-        del p
-        item_taps = taps[:, None, None, :] * scale1[:, None, :]
-        _depthwise(grad_v, item_taps, None, [-o for o in offsets], out=grad_p, accumulate=True)
-        del grad_v, grad_q
-        grad_x, grad_w_in, grad_b_in, grad_slope1 = _first_conv_backward(
-            grad_p, saved1, a1, is_result1, x, w_in, grad_x_out, n_res)
+        grad_p = _WORKSPACE.get("grad_hidden_b", p.shape, p)
+        item_taps = taps * scale1.unsqueeze(1)                          # (B, P, H)
+        if native is not None:
+            neg1, grad_b_in = native.norm_depthwise_prelu_backward(
+                p, grad_v, item_taps.contiguous(), off, coef_p.view(-1).contiguous(),
+                coef_c.view(-1).contiguous(), a1, grad_p)
+            grad_slope1 = grad_p.new_tensor([float(neg1.sum()) / a1])
+            grad_b_in = grad_b_in.to(p.dtype)
+            del p, grad_v, grad_q
+            grad_x, grad_w_in = _first_conv_gemms(grad_p, x, w_in, grad_x_out, n_res)
+        else:
+            torch.addcmul(coef_c, p, coef_p, out=grad_p)
+            del p
+            _depthwise(grad_v, item_taps.transpose(0, 1).unsqueeze(2), None,
+                       [-o for o in offsets], out=grad_p, accumulate=True)
+            del grad_v, grad_q
+            grad_x, grad_w_in, grad_b_in, grad_slope1 = _first_conv_backward(
+                grad_p, saved1, a1, is_result1, x, w_in, grad_x_out, n_res)
         grad_skip = grad_skip_out if had_skip else None
         return (grad_x.view(batch, frames, chans), grad_skip, grad_w_in, grad_b_in, grad_slope1,
                 grad_gamma1, grad_beta1, grad_taps, grad_b_dw, grad_slope2, grad_w_out,

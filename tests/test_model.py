@@ -72,6 +72,24 @@ def test_optimizer_follows_conf(tiny_conf):
     assert optimizer.param_groups[0]["lr"] == 3e-4 and optimizer.param_groups[0]["weight_decay"] == 1e-5
     assert sum(p.numel() for g in optimizer.param_groups for p in g["params"]) == \
         sum(p.numel() for p in model.parameters())
+    assert optimizer.param_groups[0]["fused"] is True
+
+
+def test_fused_optimizer_steps_like_the_plain_one(tiny_conf):
+    """The fused Adam the recipe uses takes the same steps as asteroid's plain one."""
+    torch.manual_seed(0)
+    model, fused = make_model_and_optimizer(tiny_conf)
+    plain_model = make_model(tiny_conf)
+    plain_model.load_state_dict(model.state_dict())
+    plain = torch.optim.Adam(plain_model.parameters(), lr=tiny_conf["optim"]["lr"])
+    mixture = torch.randn(2, 800)
+    for net, opt in ((model, fused), (plain_model, plain)):
+        for _ in range(3):
+            opt.zero_grad()
+            net(mixture).pow(2).mean().backward()
+            opt.step()
+    for (name, a), b in zip(model.named_parameters(), plain_model.parameters()):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-6), name
 
 
 def test_pit_sisnr_is_permutation_invariant():

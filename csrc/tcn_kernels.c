@@ -1,0 +1,303 @@
+/* Fused CPU kernels for the gLN blocks of fast_tasnet.py (float32, channels-last (B, T, C)).
+ *
+ * Each kernel does in one pass over a (B, T, C) activation what torch does in several
+ * (elementwise op, then separate reductions), which is where the time beyond the GEMMs of a
+ * Conv-TasNet training step goes on CPU.  Loaded through ctypes by tcn_native.py.
+ *
+ * Reductions: each task covers CHUNK frames of one item and sums in float per frame row (or per
+ * chunk), the tasks' partial sums are added in double in a fixed order, so the results do not
+ * depend on the number of threads (runs are reproducible) and long sums keep their digits.
+ */
+#include <stdlib.h>
+#include <string.h>
+
+#define CHUNK 128
+
+/* malloc that never returns NULL for a zero size (no frames), so NULL always means failure. */
+static void *alloc(size_t bytes) { return malloc(bytes ? bytes : 1); }
+
+static long n_chunks(long frames) { return (frames + CHUNK - 1) / CHUNK; }
+
+static void chunk_of(long task, long chunks, long frames, long *item, long *t0, long *t1)
+{
+    *item = task / chunks;
+    *t0 = (task % chunks) * CHUNK;
+    *t1 = *t0 + CHUNK < frames ? *t0 + CHUNK : frames;
+}
+
+/* Sum the per-task partials (tasks x width) of each item into out (items x width). */
+static void reduce_items(const double *part, long items, long chunks, long width, double *out)
+{
+    for (long b = 0; b < items; b++) {
+        double *dst = out + b * width;
+        memset(dst, 0, sizeof(double) * width);
+        for (long j = 0; j < chunks; j++) {
+            const double *src = part + (b * chunks + j) * width;
+            for (long i = 0; i < width; i++) dst[i] += src[i];
+        }
+    }
+}
+
+/* x = leaky_relu(x + bias, a) in place (bias: (C,), or NULL); sums[b] = (sum, sum of squares)
+ * of item b of the result.  (Adding the bias here saves the GEMM a pass.) */
+int bias_prelu_stats(float *x, const float *bias, long B, long T, long C, float a, double *sums,
+                     int threads)
+{
+    long chunks = n_chunks(T), tasks = B * chunks;
+    double *part = alloc(sizeof(double) * 2 * tasks);
+    if (!part) return 1;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (long task = 0; task < tasks; task++) {
+        long b, t0, t1;
+        chunk_of(task, chunks, T, &b, &t0, &t1);
+        double s = 0, ss = 0;
+        for (long t = t0; t < t1; t++) {
+            float *row = x + (b * T + t) * C;
+            float rs = 0, rss = 0;
+            if (bias) {
+#pragma omp simd
+                for (long c = 0; c < C; c++) row[c] += bias[c];
+            }
+#pragma omp simd reduction(+ : rs, rss)
+            for (long c = 0; c < C; c++) {
+                float v = row[c] > 0 ? row[c] : row[c] * a;
+                row[c] = v;
+                rs += v;
+                rss += v * v;
+            }
+            s += rs;
+            ss += rss;
+        }
+        part[2 * task] = s;
+        part[2 * task + 1] = ss;
+    }
+    reduce_items(part, B, chunks, 2, sums);
+    free(part);
+    return 0;
+}
+
+/* Depthwise dilated convolution of the normalised input, then leaky ReLU, with statistics:
+ *   out[b,t,c] = leaky(bias[c] + sum_k [0 <= t+o_k < T] (taps[b,k,c] p[b,t+o_k,c] + shift[b,k,c]))
+ * taps = depthwise taps times the norm's per-item scale, shift = taps times its per-item shift
+ * (zero padding applies to the normalised input, so a padded tap adds nothing).
+ * sums[b] = (sum, sum of squares) of item b of out. */
+int depthwise_prelu_stats(const float *p, float *out, long B, long T, long C, long P,
+                          const long *offsets, const float *taps, const float *shift,
+                          const float *bias, float a, double *sums, int threads)
+{
+    long chunks = n_chunks(T), tasks = B * chunks;
+    double *part = alloc(sizeof(double) * 2 * tasks);
+    if (!part) return 1;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (long task = 0; task < tasks; task++) {
+        long b, t0, t1;
+        chunk_of(task, chunks, T, &b, &t0, &t1);
+        double s = 0, ss = 0;
+        for (long t = t0; t < t1; t++) {
+            float *row = out + (b * T + t) * C;
+            memcpy(row, bias, sizeof(float) * C);
+            for (long k = 0; k < P; k++) {
+                long src_t = t + offsets[k];
+                if (src_t < 0 || src_t >= T) continue;
+                const float *src = p + (b * T + src_t) * C;
+                const float *w = taps + (b * P + k) * C, *sh = shift + (b * P + k) * C;
+#pragma omp simd
+                for (long c = 0; c < C; c++) row[c] += w[c] * src[c] + sh[c];
+            }
+            float rs = 0, rss = 0;
+#pragma omp simd reduction(+ : rs, rss)
+            for (long c = 0; c < C; c++) {
+                float v = row[c] > 0 ? row[c] : row[c] * a;
+                row[c] = v;
+                rs += v;
+                rss += v * v;
+            }
+            s += rs;
+            ss += rss;
+        }
+        part[2 * task] = s;
+        part[2 * task + 1] = ss;
+    }
+    reduce_items(part, B, chunks, 2, sums);
+    free(part);
+    return 0;
+}
+
+/* out[b] = sum over item b of x * y. */
+int rows_dot(const float *x, const float *y, long B, long T, long C, double *out, int threads)
+{
+    long chunks = n_chunks(T), tasks = B * chunks;
+    double *part = alloc(sizeof(double) * tasks);
+    if (!part) return 1;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (long task = 0; task < tasks; task++) {
+        long b, t0, t1;
+        chunk_of(task, chunks, T, &b, &t0, &t1);
+        double s = 0;
+        for (long t = t0; t < t1; t++) {
+            const float *xr = x + (b * T + t) * C, *yr = y + (b * T + t) * C;
+            float rs = 0;
+#pragma omp simd reduction(+ : rs)
+            for (long c = 0; c < C; c++) rs += xr[c] * yr[c];
+            s += rs;
+        }
+        part[task] = s;
+    }
+    reduce_items(part, B, chunks, 1, out);
+    free(part);
+    return 0;
+}
+
+/* Backward through the second norm's centring/scaling and the second leaky ReLU, with the
+ * reductions the depthwise convolution's backward needs, in place on g:
+ *   g' = g + coef_q[b] q + coef_c[b];  g = g' * (q > 0 ? 1 : a)     (q: the leaky ReLU output)
+ * neg[b]              = sum g' min(q, 0)          (the slope's gradient times a)
+ * item_sum[b,c]       = sum_t g[b,t,c]
+ * tap_sum[b,k,c]      = sum_t [0 <= t+o_k < T] g[b,t,c]
+ * tap_dot[b,k,c]      = sum_t [0 <= t+o_k < T] g[b,t,c] p[b,t+o_k,c]
+ * (p: the first leaky ReLU's output, the input of the depthwise convolution's norm). */
+int norm_prelu_backward_taps(float *g, const float *q, const float *p, long B, long T, long C,
+                             long P, const long *offsets, const float *coef_q,
+                             const float *coef_c, float a, double *neg, double *item_sum,
+                             double *tap_sum, double *tap_dot, int threads)
+{
+    long chunks = n_chunks(T), tasks = B * chunks, width = 1 + (1 + 2 * P) * C;
+    double *part = alloc(sizeof(double) * width * tasks);
+    if (!part) return 1;
+    int failed = 0;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (long task = 0; task < tasks; task++) {
+        long b, t0, t1;
+        chunk_of(task, chunks, T, &b, &t0, &t1);
+        /* item_sum | tap_sum | tap_dot of the chunk */
+        float *acc = calloc((1 + 2 * P) * C + 1, sizeof(float));
+        if (!acc) {
+            failed = 1;
+            continue;
+        }
+        double neg_sum = 0;
+        float cq = coef_q[b], cc = coef_c[b];
+        for (long t = t0; t < t1; t++) {
+            float *gr = g + (b * T + t) * C;
+            const float *qr = q + (b * T + t) * C;
+            float rneg = 0;
+#pragma omp simd reduction(+ : rneg)
+            for (long c = 0; c < C; c++) {
+                float gg = gr[c] + cq * qr[c] + cc;
+                float qv = qr[c];
+                rneg += qv < 0 ? gg * qv : 0.0f;
+                gg = qv > 0 ? gg : gg * a;
+                gr[c] = gg;
+                acc[c] += gg;
+            }
+            neg_sum += rneg;
+            for (long k = 0; k < P; k++) {
+                long src_t = t + offsets[k];
+                if (src_t < 0 || src_t >= T) continue;
+                const float *pr = p + (b * T + src_t) * C;
+                float *ts = acc + (1 + k) * C, *td = acc + (1 + P + k) * C;
+#pragma omp simd
+                for (long c = 0; c < C; c++) {
+                    ts[c] += gr[c];
+                    td[c] += gr[c] * pr[c];
+                }
+            }
+        }
+        double *dst = part + task * width;
+        dst[0] = neg_sum;
+        for (long i = 0; i < (1 + 2 * P) * C; i++) dst[1 + i] = acc[i];
+        free(acc);
+    }
+    if (failed) {
+        free(part);
+        return 1;
+    }
+    double *items = alloc(sizeof(double) * width * B);
+    if (!items) {
+        free(part);
+        return 1;
+    }
+    reduce_items(part, B, chunks, width, items);
+    for (long b = 0; b < B; b++) {
+        const double *src = items + b * width;
+        neg[b] = src[0];
+        memcpy(item_sum + b * C, src + 1, sizeof(double) * C);
+        memcpy(tap_sum + b * P * C, src + 1 + C, sizeof(double) * P * C);
+        memcpy(tap_dot + b * P * C, src + 1 + (1 + P) * C, sizeof(double) * P * C);
+    }
+    free(items);
+    free(part);
+    return 0;
+}
+
+/* Gradient of the first leaky ReLU's input from that of the depthwise convolution's output g:
+ *   h[b,t,c] = coef_c[b] + coef_p[b] p[b,t,c] + sum_k [0 <= t-o_k < T] taps[b,k,c] g[b,t-o_k,c]
+ *   out = h * (p > 0 ? 1 : a)          (p: the leaky ReLU output)
+ * neg[b] = sum h min(p, 0);  col_sum[c] = sum over items and frames of out (the bias gradient). */
+int norm_depthwise_prelu_backward(const float *p, const float *g, float *out, long B, long T,
+                                  long C, long P, const long *offsets, const float *taps,
+                                  const float *coef_p, const float *coef_c, float a, double *neg,
+                                  double *col_sum, int threads)
+{
+    long chunks = n_chunks(T), tasks = B * chunks, width = 1 + C;
+    double *part = alloc(sizeof(double) * width * tasks);
+    if (!part) return 1;
+    int failed = 0;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (long task = 0; task < tasks; task++) {
+        long b, t0, t1;
+        chunk_of(task, chunks, T, &b, &t0, &t1);
+        float *acc = calloc(C + 1, sizeof(float));
+        if (!acc) {
+            failed = 1;
+            continue;
+        }
+        double neg_sum = 0;
+        float cp = coef_p[b], cc = coef_c[b];
+        for (long t = t0; t < t1; t++) {
+            float *row = out + (b * T + t) * C;
+            const float *pr = p + (b * T + t) * C;
+#pragma omp simd
+            for (long c = 0; c < C; c++) row[c] = cc + cp * pr[c];
+            for (long k = 0; k < P; k++) {
+                long src_t = t - offsets[k];
+                if (src_t < 0 || src_t >= T) continue;
+                const float *gr = g + (b * T + src_t) * C, *w = taps + (b * P + k) * C;
+#pragma omp simd
+                for (long c = 0; c < C; c++) row[c] += w[c] * gr[c];
+            }
+            float rneg = 0;
+#pragma omp simd reduction(+ : rneg)
+            for (long c = 0; c < C; c++) {
+                float h = row[c], pv = pr[c];
+                rneg += pv < 0 ? h * pv : 0.0f;
+                h = pv > 0 ? h : h * a;
+                row[c] = h;
+                acc[c] += h;
+            }
+            neg_sum += rneg;
+        }
+        double *dst = part + task * width;
+        dst[0] = neg_sum;
+        for (long c = 0; c < C; c++) dst[1 + c] = acc[c];
+        free(acc);
+    }
+    if (failed) {
+        free(part);
+        return 1;
+    }
+    double *items = alloc(sizeof(double) * width * B);
+    if (!items) {
+        free(part);
+        return 1;
+    }
+    reduce_items(part, B, chunks, width, items);
+    memset(col_sum, 0, sizeof(double) * C);
+    for (long b = 0; b < B; b++) {
+        neg[b] = items[b * width];
+        for (long c = 0; c < C; c++) col_sum[c] += items[b * width + 1 + c];
+    }
+    free(items);
+    free(part);
+    return 0;
+}
