@@ -24,7 +24,8 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
-from local.bsd_dataset import BSDDataset, split_csv
+from local.bsd_dataset import BSDDataset
+from local.data_layouts import DataLayoutError, open_split, split_fingerprint
 from local.metrics import (ORACLE_MASKS, SDR_BACKENDS, oracle_estimates, score_estimates,
                            stft_sizes)
 from model import load_best_model
@@ -203,8 +204,9 @@ def evaluate(conf: Conf, data_dir: str | Path, exp_dir: str | Path) -> dict:
     exp_dir = Path(exp_dir)
     settings = _eval_settings(conf)
     n_src, sample_rate = conf["model"]["n_src"], conf["clips"]["sample_rate"]
-    csv_path = split_csv(data_dir, n_src, settings["eval_on"])
-    dataset = BSDDataset(csv_path, sample_rate, segment_s=None, return_id=True)
+    dataset = open_split(data_dir, n_src, settings["eval_on"], sample_rate, segment_s=None,
+                         return_id=True)
+    csv_path = dataset.csv_path
     if dataset.n_src != n_src:
         raise ConfError(f"{csv_path} has {dataset.n_src} sources, the model {n_src} (--n_src)")
 
@@ -215,7 +217,7 @@ def evaluate(conf: Conf, data_dir: str | Path, exp_dir: str | Path) -> dict:
     eval_dir = exp_dir / "eval"
     # Done-marker: the same model, data and settings are not evaluated twice.
     marker_params = {**settings, "n_src": n_src, "sample_rate": sample_rate,
-                     "csv": str(csv_path.resolve()), "csv_sha256": _sha256(csv_path),
+                     "csv": str(csv_path.resolve()), "csv_sha256": split_fingerprint(dataset),
                      "model_sha256": _sha256(exp_dir / "best_model.pth")}
     if is_done(eval_dir, "eval", marker_params) and (eval_dir / "final_metrics.json").is_file():
         metrics = json.loads((eval_dir / "final_metrics.json").read_text())
@@ -255,8 +257,8 @@ def evaluate_oracles(data_dir: str | Path, n_src: int, split: str, sample_rate: 
     no model needed. STFT sizes and SDR backend come from `conf` (default: the recipe's
     conf.yml). Returns {input_si_sdr, input_sdr, n_utterances, oracle: {ibm: {...}, ...}, data}."""
     settings = _eval_settings(conf if conf is not None else read_conf(REPO_ROOT / "conf.yml"))
-    csv_path = split_csv(data_dir, n_src, split)
-    dataset = BSDDataset(csv_path, sample_rate, segment_s=None, return_id=True)
+    dataset = open_split(data_dir, n_src, split, sample_rate, segment_s=None, return_id=True)
+    csv_path = dataset.csv_path
     device = _device()
     df = _score_split(dataset, None, settings, sample_rate, with_oracles=True, examples_dir=None,
                       device=device, desc=f"oracles BSD-{n_src}mix/{split}")
@@ -270,7 +272,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     argv = list(sys.argv[1:] if argv is None else argv)
 
     def add_arguments(parser: argparse.ArgumentParser) -> None:
-        parser.add_argument("--data_dir", required=True, help="data directory (holds BSD-{n}mix)")
+        parser.add_argument("--data_dir", required=True, help="data directory (holds BSD-{n}mix), "
+                            "or a LibriMix or wsj0-2mix tree (local/data_layouts.py)")
         parser.add_argument("--exp_dir", required=True, help="experiment directory (exp/<tag>)")
 
     # The default configuration is the experiment's resolved conf.yml, not the recipe's.
@@ -283,7 +286,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     args, conf = parse_stage_args(__doc__.split("\n\n")[0], argv, add_arguments)
     try:
         return evaluate(conf, args.data_dir, args.exp_dir)
-    except (ConfError, FileNotFoundError) as err:
+    except (ConfError, FileNotFoundError, DataLayoutError) as err:
         sys.exit(f"eval.py: {err}")
 
 

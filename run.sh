@@ -12,12 +12,15 @@ log() { echo -e "$(date '+%Y-%m-%d %H:%M:%S') (${BASH_SOURCE[1]##*/}:${BASH_LINE
 
 # ---- Options (every tunable is declared here, above parse_options.sh) ----
 stage=0               # first stage to run
-stop_stage=100        # last stage to run
+stop_stage=""         # last stage to run (empty: 4, or --stage if above 4; the sweeps run only when asked)
 conf=conf.yml         # recipe configuration; each of its second-level keys is also an option
 data_dir=data         # where downloads, clips and mixtures go
 exp_root=exp          # where experiments go
 tag=""                # experiment name; derived from --conf and the overrides when empty
 xc_source=https://xeno-canto.org/api/3/recordings  # API URL, or a local dump directory
+tables="IV2 IV3 IV4"  # stage 5: which of the thesis' tables to sweep (local/thesis_tables/table_*.csv)
+librimix_dir=""       # stage 5: a LibriMix tree for Table IV.4 (empty: those rows are not run)
+wsj0_2mix_dir=""      # stage 5: a wsj0-2mix tree for Table IV.4 (empty: those rows are not run)
 python=.venv/bin/python
 
 help_message="Usage: $0 [options]
@@ -27,20 +30,26 @@ Stages:
   2  build BSD-2mix and BSD-3mix (mixtures of different species)
   3  train Conv-TasNet (exp/<tag>/)
   4  evaluate on the test split (exp/<tag>/eval/)
+  5  sweeps and thesis tables (exp/tables/): one experiment per row of Tables IV.2-IV.4,
+     each in exp/<tag derived from the row>, at the budget of --epochs / --max_minutes
 Options:
   --stage N          first stage (default: $stage)
-  --stop_stage N     last stage (default: $stop_stage)
+  --stop_stage N     last stage (default: 4, or --stage when that is 5: stage 5 runs only when asked)
   --conf FILE        configuration (default: $conf; conf_cpu.yml is a 2-core CPU preset)
   --data_dir DIR     data directory (default: $data_dir)
   --exp_root DIR     experiments directory (default: $exp_root)
   --tag NAME         experiment name (default: derived from --conf and overrides)
   --xc_source SRC    xeno-canto API URL or local dump directory (default: $xc_source)
+  --tables LIST      stage 5: tables to sweep and build (default: \"$tables\")
+  --librimix_dir DIR stage 5: LibriMix tree (Libri2Mix/wav8k/min/...) for Table IV.4 (default: none)
+  --wsj0_2mix_dir DIR  stage 5: wsj0-2mix tree (wav8k/min/{tr,cv,tt}) for Table IV.4 (default: none)
   --python PATH      Python interpreter (default: $python, created by utils/prepare_python_env.sh)
   --KEY VALUE        override any second-level key of the conf file, e.g. --sample_rate 16000
 Examples:
   XC_API_KEY=... $0                                   # everything, live API
   $0 --xc_source ../shared/xeno-canto --stop_stage 2  # data sets from a local dump
-  $0 --stage 3 --stop_stage 4 --conf conf_cpu.yml --max_minutes 30 --tag cpu30"
+  $0 --stage 3 --stop_stage 4 --conf conf_cpu.yml --max_minutes 30 --tag cpu30
+  $0 --stage 5 --conf conf_cpu.yml --max_minutes 2 --tables IV2  # scaled-down sweep"
 
 # Declare every conf key as an (empty = not overridden) option. The conf file is found
 # before parsing, since its keys are the options.
@@ -62,6 +71,10 @@ _po_set=""
 
 if [ $# -gt 0 ]; then
   echo "$0: unexpected argument(s): $*" >&2; exit 1
+fi
+# Stage 5 trains one model per table row: never part of a plain ./run.sh.
+if [ -z "$stop_stage" ]; then
+  stop_stage=$(( stage > 4 ? stage : 4 ))
 fi
 
 # Conf overrides given on the command line, passed on to every stage script.
@@ -113,6 +126,12 @@ fi
 if [ "$stage" -le 4 ] && [ "$stop_stage" -ge 4 ]; then
   log "Stage 4: evaluate $exp_dir"
   "$python" eval.py --data_dir "$data_dir" --exp_dir "$exp_dir" "${overrides[@]}"
+fi
+
+if [ "$stage" -le 5 ] && [ "$stop_stage" -ge 5 ]; then
+  log "Stage 5: sweeps for tables $tables, markdown tables in $exp_root/tables"
+  "$python" -m local.sweep "${common[@]}" --data_dir "$data_dir" --exp_root "$exp_root" \
+    --tables "$tables" --librimix_dir "$librimix_dir" --wsj0_2mix_dir "$wsj0_2mix_dir" "${overrides[@]}"
 fi
 
 log "Done (stages $stage to $stop_stage)."

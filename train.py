@@ -38,7 +38,7 @@ from pytorch_lightning.utilities import rank_zero_only
 from torch.optim.lr_scheduler import ReduceLROnPlateau
 from torch.utils.data import DataLoader
 
-from local.bsd_dataset import BSDDataset, split_csv
+from local.data_layouts import DataLayoutError, open_split
 from model import make_model_and_optimizer
 from utils.atomic import atomic_path, atomic_write_text
 from utils.config import Conf, ConfError, parse_stage_args, read_conf, write_conf
@@ -137,10 +137,10 @@ def _check_resumable(old_conf: Conf, conf: Conf, exp_dir: Path) -> None:
 def _make_loaders(conf: Conf, data_dir: str | Path) -> tuple[DataLoader, DataLoader]:
     n_src, sample_rate = conf["model"]["n_src"], conf["clips"]["sample_rate"]
     t = conf["training"]
-    train_set = BSDDataset(split_csv(data_dir, n_src, "tr"), sample_rate, segment_s=t["segment_s"],
+    train_set = open_split(data_dir, n_src, "tr", sample_rate, segment_s=t["segment_s"],
                            return_id=True, min_source_share=t["min_source_share"])
     # Fixed windows, so that val_loss moves only with the model.
-    val_set = BSDDataset(split_csv(data_dir, n_src, "cv"), sample_rate, segment_s=t["segment_s"],
+    val_set = open_split(data_dir, n_src, "cv", sample_rate, segment_s=t["segment_s"],
                          random_segments=False, min_source_share=t["min_source_share"])
     for dataset in (train_set, val_set):
         if dataset.n_src != n_src:
@@ -282,7 +282,8 @@ def train(conf: Conf, data_dir: str | Path, exp_dir: str | Path) -> Path:
 
 def main(argv: list[str] | None = None) -> Path:
     def add_arguments(parser):
-        parser.add_argument("--data_dir", default="data", help="data directory (holds BSD-{n}mix/)")
+        parser.add_argument("--data_dir", default="data", help="data directory (holds BSD-{n}mix/), "
+                            "or a LibriMix or wsj0-2mix tree (local/data_layouts.py)")
         parser.add_argument("--exp_dir", required=True, help="experiment directory, e.g. exp/tag")
 
     args, conf = parse_stage_args("Stage 3: train Conv-TasNet.", argv, add_arguments)
@@ -292,5 +293,5 @@ def main(argv: list[str] | None = None) -> Path:
 if __name__ == "__main__":
     try:
         main()
-    except (ConfError, FileNotFoundError) as err:
+    except (ConfError, FileNotFoundError, DataLayoutError) as err:
         sys.exit(f"train.py: {err}")

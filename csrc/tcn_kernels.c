@@ -38,6 +38,31 @@ static void reduce_items(const double *part, long items, long chunks, long width
     }
 }
 
+/* The per-item sums (items x width) of the tasks' partials, or NULL if a task or this allocation
+ * failed; frees part. */
+static double *finish_items(double *part, int failed, long items, long chunks, long width)
+{
+    double *out = failed ? NULL : alloc(sizeof(double) * width * items);
+    if (out) reduce_items(part, items, chunks, width, out);
+    free(part);
+    return out;
+}
+
+/* row = leaky_relu(row, a) in place; adds the row's sum and sum of squares to *s and *ss. */
+static inline void leaky_row_sums(float *row, long C, float a, double *s, double *ss)
+{
+    float rs = 0, rss = 0;
+#pragma omp simd reduction(+ : rs, rss)
+    for (long c = 0; c < C; c++) {
+        float v = row[c] > 0 ? row[c] : row[c] * a;
+        row[c] = v;
+        rs += v;
+        rss += v * v;
+    }
+    *s += rs;
+    *ss += rss;
+}
+
 /* x = leaky_relu(x + bias, a) in place (bias: (C,), or NULL); sums[b] = (sum, sum of squares)
  * of item b of the result.  (Adding the bias here saves the GEMM a pass.) */
 int bias_prelu_stats(float *x, const float *bias, long B, long T, long C, float a, double *sums,
@@ -53,20 +78,11 @@ int bias_prelu_stats(float *x, const float *bias, long B, long T, long C, float 
         double s = 0, ss = 0;
         for (long t = t0; t < t1; t++) {
             float *row = x + (b * T + t) * C;
-            float rs = 0, rss = 0;
             if (bias) {
 #pragma omp simd
                 for (long c = 0; c < C; c++) row[c] += bias[c];
             }
-#pragma omp simd reduction(+ : rs, rss)
-            for (long c = 0; c < C; c++) {
-                float v = row[c] > 0 ? row[c] : row[c] * a;
-                row[c] = v;
-                rs += v;
-                rss += v * v;
-            }
-            s += rs;
-            ss += rss;
+            leaky_row_sums(row, C, a, &s, &ss);
         }
         part[2 * task] = s;
         part[2 * task + 1] = ss;
@@ -104,16 +120,7 @@ int depthwise_prelu_stats(const float *p, float *out, long B, long T, long C, lo
 #pragma omp simd
                 for (long c = 0; c < C; c++) row[c] += w[c] * src[c] + sh[c];
             }
-            float rs = 0, rss = 0;
-#pragma omp simd reduction(+ : rs, rss)
-            for (long c = 0; c < C; c++) {
-                float v = row[c] > 0 ? row[c] : row[c] * a;
-                row[c] = v;
-                rs += v;
-                rss += v * v;
-            }
-            s += rs;
-            ss += rss;
+            leaky_row_sums(row, C, a, &s, &ss);
         }
         part[2 * task] = s;
         part[2 * task + 1] = ss;
@@ -208,16 +215,8 @@ int norm_prelu_backward_taps(float *g, const float *q, const float *p, long B, l
         for (long i = 0; i < (1 + 2 * P) * C; i++) dst[1 + i] = acc[i];
         free(acc);
     }
-    if (failed) {
-        free(part);
-        return 1;
-    }
-    double *items = alloc(sizeof(double) * width * B);
-    if (!items) {
-        free(part);
-        return 1;
-    }
-    reduce_items(part, B, chunks, width, items);
+    double *items = finish_items(part, failed, B, chunks, width);
+    if (!items) return 1;
     for (long b = 0; b < B; b++) {
         const double *src = items + b * width;
         neg[b] = src[0];
@@ -226,7 +225,6 @@ int norm_prelu_backward_taps(float *g, const float *q, const float *p, long B, l
         memcpy(tap_dot + b * P * C, src + 1 + (1 + P) * C, sizeof(double) * P * C);
     }
     free(items);
-    free(part);
     return 0;
 }
 
@@ -282,22 +280,13 @@ int norm_depthwise_prelu_backward(const float *p, const float *g, float *out, lo
         for (long c = 0; c < C; c++) dst[1 + c] = acc[c];
         free(acc);
     }
-    if (failed) {
-        free(part);
-        return 1;
-    }
-    double *items = alloc(sizeof(double) * width * B);
-    if (!items) {
-        free(part);
-        return 1;
-    }
-    reduce_items(part, B, chunks, width, items);
+    double *items = finish_items(part, failed, B, chunks, width);
+    if (!items) return 1;
     memset(col_sum, 0, sizeof(double) * C);
     for (long b = 0; b < B; b++) {
         neg[b] = items[b * width];
         for (long c = 0; c < C; c++) col_sum[c] += items[b * width + 1 + c];
     }
     free(items);
-    free(part);
     return 0;
 }

@@ -1,7 +1,8 @@
 """Benchmark: asteroid's ConvTasNet against fast_tasnet.FastConvTasNet on this machine.
 
     python -m local.benchmark [--json PATH] [--quick] [--data_dir DIR] [--threads N]
-                              [--conf conf.yml] [--preset_conf conf_cpu.yml] [--key value ...]
+                              [--sdr_mixtures N] [--conf conf.yml] [--preset_conf conf_cpu.yml]
+                              [--key value ...]
 
 In one run, on the same inputs and the same weights:
   * training step (forward, PIT SI-SDR loss, backward, Adam step) of the thesis config (the
@@ -12,8 +13,10 @@ In one run, on the same inputs and the same weights:
   * peak memory: growth of the peak resident set size of a fresh process per case;
   * parity: stock weights loaded (strict) into ours, float32 outputs within 1e-4 and
     gradients within 1e-3 (relative), float64 equal to 1e-8, thesis config and preset;
-  * BSS Eval SDR: fast_bss_eval against mir_eval's bss_eval_sources on test-like 2-source
-    signals (speed, and agreement within 0.05 dB);
+  * evaluation scoring (SI-SNR, permutations, BSS Eval SDR of the input, a model-like
+    estimate and the 3 oracle masks per mixture, as eval.py scores): the conf's sdr_backend
+    and fast_bss_eval against mir_eval's bss_eval_sources, on BSD-2mix test (all of it, or
+    --sdr_mixtures; synthetic mixtures without --data_dir): time, and agreement within 0.05 dB;
   * with --data_dir: time to fetch one training batch through BSDDataset + DataLoader, against
     a training step;
   * with CUDA: training throughput of ours under bf16 autocast against stock in float32.
@@ -32,7 +35,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
 import torch
@@ -44,6 +47,11 @@ OUTPUT_TOLERANCE = 1e-4
 GRADIENT_TOLERANCE = 1e-3
 SDR_TOLERANCE_DB = 0.05
 INFERENCE_SECONDS = 60.0
+# Evaluation scoring (SDR backends): mixtures with --quick; synthetic stand-ins for BSD-2mix
+# test (as long as its mixtures on average) when --data_dir has none.
+QUICK_SDR_MIXTURES = 3
+SYNTHETIC_SDR_MIXTURES = 20
+SYNTHETIC_SDR_SECONDS = 4.4
 # OpenMP threads that wait sleep instead of spinning (unless the caller's environment says
 # otherwise): on a machine shared with other work, spinning barriers stall every torch op for
 # a whole scheduler slice whenever one of the threads is descheduled (5x slower training
@@ -106,8 +114,9 @@ def _run_case(case: dict[str, Any]) -> dict[str, Any]:
     if case["kind"] == "parity":
         return check_parity(case["kwargs"], seconds=case["seconds"], seed=case["seed"])
     if case["kind"] == "sdr":
-        return compare_sdr_backends(case["n_signals"], case["seconds"], case["sample_rate"],
-                                    case["seed"])
+        return compare_sdr_backends(case["data_dir"], case["n_mixtures"], case["sample_rate"],
+                                    case["oracle_win_ms"], case["oracle_hop_ms"],
+                                    case["backend"], case["seed"])
     kwargs, impl = case["kwargs"], case["impl"]
     device = torch.device(case.get("device", "cpu"))
     model = build_model(kwargs, impl).to(device)
@@ -252,28 +261,91 @@ def check_parity(kwargs: dict[str, Any], seconds: float = 0.5, batch: int = 2,
                 float64_max_param_grad_rel_error=f64_grad_error)
 
 
-def compare_sdr_backends(n_signals: int, seconds: float, sample_rate: int,
-                         seed: int = 0) -> dict[str, Any]:
-    """fast_bss_eval vs mir_eval on 2-source signals with imperfect estimates (crosstalk and
-    noise, as a separation model leaves them)."""
-    from local.metrics import bss_sdr
+def _scoring_mixtures(data_dir: Optional[str], n_mixtures: int, sample_rate: int,
+                      seed: int) -> tuple[dict[str, Any], Iterator[tuple[np.ndarray, np.ndarray]]]:
+    """(description, iterator of (mixture (time,), references (2, time)) float64): the first
+    `n_mixtures` (0 = all) of BSD-2mix test under `data_dir` when it has them, else as many
+    synthetic mixtures of bird-like chirps, as long as the test mixtures are on average."""
+    from local.bsd_dataset import BSDDataset, split_csv
 
+    csv_path = None if data_dir is None else split_csv(data_dir, 2, "tt")
+    if csv_path is not None and csv_path.is_file():
+        dataset = BSDDataset(csv_path, sample_rate, segment_s=None)
+        count = len(dataset) if n_mixtures <= 0 else min(n_mixtures, len(dataset))
+
+        def real():
+            for idx in range(count):
+                mixture, references = dataset[idx]
+                yield mixture.double().numpy(), references.double().numpy()
+
+        return dict(source="BSD-2mix tt", csv=str(csv_path), n_mixtures=count,
+                    n_mixtures_in_split=len(dataset)), real()
+    count = n_mixtures if n_mixtures > 0 else SYNTHETIC_SDR_MIXTURES
+    samples = int(SYNTHETIC_SDR_SECONDS * sample_rate)
+
+    def synthetic():
+        for k in range(count):
+            mixture, sources = _batch(2, 1, samples, seed + k)
+            yield mixture[0].double().numpy(), sources[0].double().numpy()
+
+    why = "no --data_dir" if csv_path is None else f"{csv_path} not found"
+    return dict(source=f"synthetic ({why})", n_mixtures=count), synthetic()
+
+
+def compare_sdr_backends(data_dir: Optional[str], n_mixtures: int, sample_rate: int,
+                         oracle_win_ms: float, oracle_hop_ms: float, fast_backend: str,
+                         seed: int = 0) -> dict[str, Any]:
+    """The evaluation stage's scoring (local.metrics.score_estimates, called as eval.py calls
+    it per mixture: the mixture as the input, a model's estimate and the 3 oracle masks, every
+    SDR of the mixture in one batch) with `fast_backend`, fast_bss_eval and mir_eval on the
+    same mixtures, one after the other per mixture. The model's estimate is the references
+    with crosstalk and noise (model inference is common to every path and not timed).
+    Speedups are mir_eval's time over each backend's; differences are over every SDR
+    (input, model, oracles) against mir_eval's."""
+    from local.metrics import ORACLE_MASKS, oracle_estimates, score_estimates, stft_sizes
+
+    win, hop = stft_sizes(sample_rate, oracle_win_ms, oracle_hop_ms)
+    backends = list(dict.fromkeys((fast_backend, "fast_bss_eval", "mir_eval")))
+    description, mixtures = _scoring_mixtures(data_dir, n_mixtures, sample_rate, seed)
     rng = np.random.default_rng(seed)
-    timings = {"fast_bss_eval": 0.0, "mir_eval": 0.0}
-    max_diff = 0.0
-    for k in range(n_signals):
-        _, sources = _batch(2, 1, int(seconds * sample_rate), seed + k)
-        references = sources[0].double().numpy()
-        estimates = references + 0.2 * references[::-1] + 0.05 * rng.standard_normal(references.shape)
+    # Other work on the machine slows mir_eval most (its 2 OpenBLAS threads then wait for
+    # each other): the load says how far the ratio can be trusted.
+    load_before = _load_average()
+    seconds = dict.fromkeys(backends, 0.0)
+    max_diff = dict.fromkeys(backends, 0.0)
+    total_samples = 0
+    for mixture, references in mixtures:
+        level = references.std(axis=-1, keepdims=True)
+        model_like = (references + 0.2 * references[::-1]
+                      + 0.05 * level * rng.standard_normal(references.shape))
+        estimates = {"model": model_like, **oracle_estimates(mixture, references, win, hop)}
         sdr = {}
-        for backend in timings:
+        for backend in backends:
             start = time.perf_counter()
-            sdr[backend] = bss_sdr(estimates[None], references, backend)
-            timings[backend] += time.perf_counter() - start
-        max_diff = max(max_diff, float(np.abs(sdr["fast_bss_eval"] - sdr["mir_eval"]).max()))
-    return dict(fast_bss_eval_s=timings["fast_bss_eval"], mir_eval_s=timings["mir_eval"],
-                speedup=timings["mir_eval"] / timings["fast_bss_eval"], max_abs_diff_db=max_diff,
-                agree=max_diff <= SDR_TOLERANCE_DB, n_signals=n_signals, seconds=seconds)
+            scores = score_estimates(mixture, references, estimates, backend)
+            seconds[backend] += time.perf_counter() - start
+            sdr[backend] = np.stack([scores[name]["sdr"] for name in ("input", *estimates)])
+        for backend in backends:
+            max_diff[backend] = max(max_diff[backend],
+                                    float(np.abs(sdr[backend] - sdr["mir_eval"]).max()))
+        total_samples += mixture.shape[-1]
+    n = description["n_mixtures"]
+    return dict(description, backend=fast_backend, estimate_sets=["input", "model", *ORACLE_MASKS],
+                mean_seconds=total_samples / n / sample_rate,
+                scoring_s=seconds, ms_per_mixture={b: 1e3 * s / n for b, s in seconds.items()},
+                speedup=seconds["mir_eval"] / seconds[fast_backend],
+                speedup_fast_bss_eval=seconds["mir_eval"] / seconds["fast_bss_eval"],
+                max_abs_diff_db=max_diff[fast_backend], max_abs_diff_db_per_backend=max_diff,
+                tolerance_db=SDR_TOLERANCE_DB, agree=max_diff[fast_backend] <= SDR_TOLERANCE_DB,
+                load_average_1min=[load_before, _load_average()])
+
+
+def _load_average() -> Optional[float]:
+    """The machine's 1-minute load average (None where the OS does not say)."""
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return None
 
 
 def time_data_loading(conf: Conf, data_dir: str | Path, n_batches: int) -> dict[str, Any]:
@@ -337,10 +409,13 @@ def run_benchmark(conf: Conf, preset_conf: Conf, *, quick: bool = False,
                   threads: Optional[int] = None, data_dir: Optional[str | Path] = None,
                   infer_seconds: Optional[float] = None, parity_seconds: float = 0.5,
                   json_path: Optional[str | Path] = None, preset_source: str = "",
+                  sdr_mixtures: Optional[int] = None,
                   isolate: bool = True, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Measure stock vs ours; returns (and with `json_path` writes) the figures.
 
-    `isolate`: each case in a fresh process (clean memory figures); False runs them here."""
+    `isolate`: each case in a fresh process (clean memory figures); False runs them here.
+    `sdr_mixtures`: mixtures of the evaluation-scoring comparison (0 = the whole test split;
+    default: all, QUICK_SDR_MIXTURES with `quick`)."""
     run_case = run_case_in_subprocess if isolate else run_case_in_process
     seed = conf["common"]["seed"]
     warmup, steps, reps = (1, 2, 1) if quick else (1, 3, 2)
@@ -399,17 +474,21 @@ def run_benchmark(conf: Conf, preset_conf: Conf, *, quick: bool = False,
             f"output {p['float64_output_rel_error']:.1e}, worst gradient "
             f"{p['float64_max_param_grad_rel_error']:.1e} -> {'ok' if p['ok'] else 'FAILED'}")
 
-    log("BSS Eval SDR: fast_bss_eval vs mir_eval ...")
-    # One thread: torch's batched float64 linalg.solve (fast_bss_eval) fails with MKL on
-    # several threads in this torch build (pytorch/pytorch#142815).
+    evaluation = conf["evaluation"]
+    log(f"evaluation scoring: {evaluation['sdr_backend']} vs mir_eval ...")
+    # torch's default threads, as eval.py runs (fast_bss_eval sets one thread for its solve).
     sdr = run_case(dict(
-        kind="sdr", n_signals=1 if quick else 3,
-        seconds=min(2.0, conf["training"]["segment_s"]) if quick else conf["training"]["segment_s"],
-        sample_rate=conf["clips"]["sample_rate"], threads=1, seed=seed))
+        kind="sdr", data_dir=None if data_dir is None else str(data_dir),
+        n_mixtures=sdr_mixtures if sdr_mixtures is not None else (QUICK_SDR_MIXTURES if quick else 0),
+        sample_rate=conf["clips"]["sample_rate"], oracle_win_ms=evaluation["oracle_win_ms"],
+        oracle_hop_ms=evaluation["oracle_hop_ms"], backend=evaluation["sdr_backend"],
+        threads=threads or torch.get_num_threads(), seed=seed))
     results["eval_sdr"] = sdr
     results["eval_sdr_speedup"] = sdr["speedup"]
-    log(f"SDR: mir_eval {sdr['mir_eval_s']:.2f} s, fast_bss_eval {sdr['fast_bss_eval_s']:.3f} s -> "
-        f"{sdr['speedup']:.1f}x; max difference {sdr['max_abs_diff_db']:.4f} dB")
+    log(f"evaluation scoring of {sdr['n_mixtures']} mixtures ({sdr['source']}): mir_eval "
+        f"{sdr['scoring_s']['mir_eval']:.1f} s, {sdr['backend']} {sdr['scoring_s'][sdr['backend']]:.2f} s "
+        f"-> {sdr['speedup']:.1f}x (fast_bss_eval {sdr['speedup_fast_bss_eval']:.1f}x); max "
+        f"difference {sdr['max_abs_diff_db']:.1e} dB")
 
     if data_dir is not None:
         log("data loading ...")
@@ -455,6 +534,9 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data_dir", default=None, help="also time BSDDataset batch loading")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads for every case (default: each conf's num_threads)")
+    parser.add_argument("--sdr_mixtures", type=int, default=None,
+                        help="mixtures of BSD-2mix test scored by each SDR backend (0 = all "
+                             f"411; default: all, {QUICK_SDR_MIXTURES} with --quick)")
     parser.add_argument("--in_process", action="store_true",
                         help="run the cases in this process (quicker start; memory figures "
                              "then include earlier cases)")
@@ -473,7 +555,8 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         sys.exit(f"benchmark: CPU preset: {err}")
     results = run_benchmark(conf, preset, quick=args.quick, threads=args.threads,
                             data_dir=args.data_dir, json_path=args.json_path,
-                            preset_source=source, isolate=not args.in_process)
+                            preset_source=source, isolate=not args.in_process,
+                            sdr_mixtures=args.sdr_mixtures)
     print(f"summary: training {results['train_speedup_thesis']:.2f}x (thesis), "
           f"{results['train_speedup_preset']:.2f}x (preset); inference RTF "
           f"{results['rtf_thesis_ours']:.3f} vs {results['rtf_thesis_stock']:.3f} "

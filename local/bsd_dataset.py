@@ -25,16 +25,20 @@ class BSDDataset(Dataset):
     which every source holds at least `min_source_share` of its energy (drawn at random, or
     fixed per item when `random_segments=False`); mixtures shorter than a segment are
     zero-padded at the end. Without `segment_s` items are full length (evaluation).
+
+    `table` gives the rows (the csv's columns) directly, for data sets listed from a folder
+    tree (local/data_layouts.py: LibriMix, wsj0-2mix); `csv_path` then only names the split,
+    and the paths are relative to its parent all the same.
     """
 
     def __init__(self, csv_path: str | Path, sample_rate: int, segment_s: float | None = None,
                  return_id: bool = False, random_segments: bool = True,
-                 min_source_share: float = 0.0):
+                 min_source_share: float = 0.0, table: pd.DataFrame | None = None):
         self.csv_path = Path(csv_path)
-        if not self.csv_path.is_file():
+        if table is None and not self.csv_path.is_file():
             raise FileNotFoundError(f"{self.csv_path} not found: run stage 2 (local/mixtures.py) first")
         self.root = self.csv_path.parent
-        self.df = pd.read_csv(self.csv_path)
+        self.df = pd.read_csv(self.csv_path) if table is None else table
         self.source_columns = sorted((c for c in self.df.columns
                                       if c.startswith("source_") and c.endswith("_path")),
                                      key=lambda c: int(c.split("_")[1]))

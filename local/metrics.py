@@ -2,8 +2,8 @@
 
 - SI-SNR (scale-invariant, zero-mean; asteroid's pairwise SI-SDR) with the best permutation
   of the estimates found by SI-SNR PIT.
-- SDR as BSS Eval defines it (bss_eval_sources, 512-tap distortion filter): fast_bss_eval,
-  or mir_eval as the slow reference implementation.
+- SDR as BSS Eval defines it (bss_eval_sources, 512-tap distortion filter): our Toeplitz
+  implementation (toeplitz_sdr), fast_bss_eval, or mir_eval as the slow reference.
 - Oracle time-frequency masks (IBM, IRM, Wiener-like) on an STFT of the mixture, the upper
   baselines of the Conv-TasNet paper.
 
@@ -12,13 +12,18 @@ Signals are numpy arrays: mixture (time,), references and estimates (n_src, time
 from __future__ import annotations
 
 import numpy as np
+import scipy.fft
+import scipy.linalg
 import torch
 from asteroid.losses import PITLossWrapper
 
-SDR_BACKENDS = ("fast_bss_eval", "mir_eval")
+SDR_BACKENDS = ("toeplitz", "fast_bss_eval", "mir_eval")
 ORACLE_MASKS = ("ibm", "irm", "wiener")
 # bss_eval_sources' distortion filter length (BSS Eval v3/v4 and mir_eval use 512 taps).
 BSS_EVAL_FILTER_LENGTH = 512
+# toeplitz_sdr: a fast solve whose projected energy leaves [0, energy] by more than this
+# (relative) is not trusted; the reference's system is solved directly instead.
+PROJECTION_TOLERANCE = 1e-8
 
 
 def pairwise_si_snr(estimates: np.ndarray, references: np.ndarray, eps: float = 1e-8) -> np.ndarray:
@@ -49,22 +54,145 @@ def best_permutation(pairwise_scores: np.ndarray) -> np.ndarray:
     return perm[0].numpy()
 
 
+def _sets_and_references(estimate_sets: np.ndarray,
+                         references: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """float64 (K, n_src, time) estimate sets and (n_src, time) references, shapes checked."""
+    estimate_sets = np.asarray(estimate_sets, dtype=np.float64)
+    references = np.asarray(references, dtype=np.float64)
+    if estimate_sets.ndim != 3 or references.shape != estimate_sets.shape[1:]:
+        raise ValueError(f"references {references.shape} do not match estimates {estimate_sets.shape}")
+    return estimate_sets, references
+
+
+def _toeplitz_inverse_forms(autocorr: np.ndarray, rhs: np.ndarray) -> np.ndarray:
+    """b^T T^{-1} b for every row b of `rhs` (K, n), T the symmetric positive definite Toeplitz
+    matrix with first column `autocorr` (n,).
+
+    Gohberg-Semencul: with x = T^{-1} e_1, T^{-1} = (L(x) L(x)^T - L(y) L(y)^T) / x_0, where
+    L(v) is the lower triangular Toeplitz matrix with first column v and y = (0, x_{n-1}, ...,
+    x_1). One Levinson solve (scipy's solve_toeplitz, O(n^2)) then serves every right-hand
+    side, each applied with FFTs of about 2n points; one step of iterative refinement takes
+    out the rounding error of the difference of the two products. Measured on BSD-2mix test
+    (5 estimate sets of 2 sources per mixture, 103 mixtures), toeplitz_sdr takes 6.6 ms per
+    mixture with this, 8.8 ms with solve_toeplitz on each right-hand side and 14.1 ms with a
+    Cholesky factorisation of T, for the same SDRs (within 5e-10 dB of mir_eval's).
+    Raises LinAlgError where Levinson's recursion breaks down (T numerically singular)."""
+    n = autocorr.shape[0]
+    unit = np.zeros(n)
+    unit[0] = 1.0
+    x = scipy.linalg.solve_toeplitz(autocorr, unit, check_finite=False)
+    if not (np.isfinite(x).all() and x[0] > 0):
+        raise np.linalg.LinAlgError("Levinson recursion broke down")
+    m = scipy.fft.next_fast_len(2 * n - 1, real=True)  # linear convolutions of length-n rows
+    x_spec = scipy.fft.rfft(x, m)
+    y_spec = scipy.fft.rfft(np.concatenate(([0.0], x[:0:-1])), m)
+    # T as a circulant of size m (for the residual T c of the refinement).
+    t_spec = scipy.fft.rfft(np.concatenate((autocorr, np.zeros(m - 2 * n + 1), autocorr[:0:-1])), m)
+
+    def rfft(v: np.ndarray) -> np.ndarray:
+        return scipy.fft.rfft(v, m, axis=-1)
+
+    def irfft(spec: np.ndarray) -> np.ndarray:
+        return scipy.fft.irfft(spec, m, axis=-1)[..., :n]
+
+    def inverse_times(v: np.ndarray) -> np.ndarray:
+        # Transposed products are correlations: (L(x)^T v)_i = sum_k x_k v_{k+i}.
+        v_spec = rfft(v)
+        lx_t, ly_t = irfft(v_spec * x_spec.conj()), irfft(v_spec * y_spec.conj())
+        return irfft(rfft(lx_t) * x_spec - rfft(ly_t) * y_spec) / x[0]
+
+    solution = inverse_times(rhs)
+    solution += inverse_times(rhs - irfft(rfft(solution) * t_spec))
+    return np.einsum("kn,kn->k", rhs, solution)
+
+
+def _direct_inverse_forms(autocorr: np.ndarray, rhs: np.ndarray) -> np.ndarray:
+    """b^T T^{-1} b as mir_eval's _project solves it (LU of the explicit matrix)."""
+    solution = np.linalg.solve(scipy.linalg.toeplitz(autocorr), rhs.T)
+    return np.einsum("kn,nk->k", rhs, solution)
+
+
+def toeplitz_sdr(estimate_sets: np.ndarray, references: np.ndarray,
+                 filter_length: int = BSS_EVAL_FILTER_LENGTH) -> np.ndarray:
+    """BSS Eval SDR (dB) as mir_eval's bss_eval_sources(compute_permutation=False) defines it:
+    estimate_sets (K, n_src, time), references (n_src, time) -> (K, n_src), [k, j] = SDR of
+    estimate_sets[k, j] against reference j.
+
+    With the signals zero-padded by filter_length - 1 samples (as mir_eval's _project), P_j the
+    orthogonal projection on the filter_length delayed copies of reference j, e an estimate:
+    SDR = ||P_j e||^2 / ||e - P_j e||^2 (the interference and artifacts terms of
+    bss_eval_sources add up to e - P_j e). ||P_j e||^2 = b^T R_j^{-1} b, with R_j the Toeplitz
+    autocorrelation matrix of reference j (lags 0..filter_length-1) and b the correlation of
+    e with reference j at those lags, and ||e - P_j e||^2 = ||e||^2 - ||P_j e||^2. So one
+    solver per reference serves all K estimates, and only the (reference j, estimate j) pairs
+    are computed. Correlations by FFT (of a fast length, not a power of two), then
+    _toeplitz_inverse_forms; mir_eval's direct solve where that breaks down. Measured on 103
+    BSD-2mix test mixtures (5 estimate sets of 2 sources each): 6.8 ms per mixture, against
+    27 ms for fast_bss_eval and 376 ms for mir_eval (55x), within 5e-10 dB of mir_eval (all
+    411: 4.4e-10 dB; BSD-3mix: 3.3e-10 dB).
+
+    Like mir_eval, silent (all-zero) references or estimates are an error (the SDR is
+    undefined), and signals shorter than the filter are fine. Above ~100 dB the figure is
+    rounding noise in both: a perfect estimate scores ~150 dB (or +inf) here, ~300 dB there.
+    """
+    estimate_sets, references = _sets_and_references(estimate_sets, references)
+    n_sets, n_src, n_samples = estimate_sets.shape
+    if n_samples == 0:
+        raise ValueError("BSS Eval SDR of empty signals")
+    silent = ~references.any(axis=-1)
+    if silent.any():
+        raise ValueError(f"reference(s) {np.flatnonzero(silent).tolist()} are silent (all "
+                         "zeros): their BSS Eval SDR is undefined")
+    silent = ~estimate_sets.any(axis=-1)
+    if silent.any():
+        raise ValueError(f"estimate(s) [set, source] {np.argwhere(silent).tolist()} are silent "
+                         "(all zeros): their BSS Eval SDR is undefined")
+    # Linear (not circular) correlations at lags 0..filter_length - 1, one signal at a time and
+    # in place: multi-MB arrays come fresh from the OS at every call, and their page faults
+    # made the whole function 1.3x slower.
+    n_fft = scipy.fft.next_fast_len(n_samples + filter_length - 1, real=True)
+    energy = np.einsum("kjt,kjt->kj", estimate_sets, estimate_sets)
+    projected = np.empty((n_sets, n_src))
+    cross = np.empty((n_sets, filter_length))
+    for j in range(n_src):
+        ref_spec = scipy.fft.rfft(references[j], n_fft)
+        ref_conj = ref_spec.conj()
+        for k in range(n_sets):  # cross[k, l] = sum_t estimate_sets[k, j, t] references[j, t - l]
+            spec = scipy.fft.rfft(estimate_sets[k, j], n_fft)
+            spec *= ref_conj
+            cross[k] = scipy.fft.irfft(spec, n_fft, overwrite_x=True)[:filter_length]
+        ref_spec *= ref_conj
+        autocorr = scipy.fft.irfft(ref_spec, n_fft, overwrite_x=True)[:filter_length]
+        try:
+            forms = _toeplitz_inverse_forms(autocorr, cross)
+            # A projection's energy lies in [0, energy] (NaN fails the test too).
+            trusted = bool(np.all((forms >= -PROJECTION_TOLERANCE * energy[:, j])
+                                  & (forms <= (1 + PROJECTION_TOLERANCE) * energy[:, j])))
+        except np.linalg.LinAlgError:
+            trusted = False
+        projected[:, j] = forms if trusted else _direct_inverse_forms(autocorr, cross)
+    projected = np.clip(projected, 0.0, energy)
+    with np.errstate(divide="ignore"):  # +-inf where one of the two energies is 0, as mir_eval
+        return 10 * np.log10(projected / (energy - projected))
+
+
 def bss_sdr(estimate_sets: np.ndarray, references: np.ndarray, backend: str,
             device: str | torch.device = "cpu") -> np.ndarray:
     """BSS Eval SDR (dB) of aligned estimates: estimate_sets (K, n_src, time), references
     (n_src, time) -> (K, n_src), [k, j] = SDR of estimate_sets[k, j] against reference j.
 
-    The SDR of source j depends only on reference j (distortion filter on reference j), so
-    fast_bss_eval's pairwise mode is used: one Toeplitz system per reference, solved for
-    all K estimates at once, instead of K systems per reference. fast_bss_eval runs on torch
-    (float64) on `device`: a GPU when there is one, and on CPU torch's thread pool rather
-    than OpenBLAS's, which oversubscribes a busy machine.
+    backend: "toeplitz" (toeplitz_sdr, numpy on the CPU whatever `device`), "fast_bss_eval"
+    or "mir_eval" (the reference, slow). The SDR of source j depends only on reference j
+    (distortion filter on reference j), so fast_bss_eval's pairwise mode is used: one
+    Toeplitz system per reference, solved for all K estimates at once, instead of K systems
+    per reference. fast_bss_eval runs on torch (float64) on `device`: a GPU when there is
+    one, and on CPU torch's thread pool rather than OpenBLAS's, which oversubscribes a busy
+    machine.
     """
-    estimate_sets = np.asarray(estimate_sets, dtype=np.float64)
-    references = np.asarray(references, dtype=np.float64)
+    if backend == "toeplitz":
+        return toeplitz_sdr(estimate_sets, references)
+    estimate_sets, references = _sets_and_references(estimate_sets, references)
     n_sets, n_src, n_samples = estimate_sets.shape
-    if references.shape != (n_src, n_samples):
-        raise ValueError(f"references {references.shape} do not match estimates {estimate_sets.shape}")
     if backend == "fast_bss_eval":
         import fast_bss_eval
 

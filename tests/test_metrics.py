@@ -6,8 +6,9 @@ import pytest
 import torch
 from scipy.signal import lfilter
 
+import local.metrics
 from local.metrics import (best_permutation, bss_sdr, oracle_estimates, pairwise_si_snr,
-                           score_estimates, stft_sizes)
+                           score_estimates, stft_sizes, toeplitz_sdr)
 
 SR = 8000
 
@@ -34,7 +35,7 @@ def test_si_snr_closed_form():
     mixture = s1 + s2
     # Estimates in swapped order: the permutation must put them back.
     estimates = np.stack([0.7 * s2 - noise, 3.0 * s1 + noise])
-    scores = score_estimates(mixture, references, {"model": estimates}, "fast_bss_eval")
+    scores = score_estimates(mixture, references, {"model": estimates}, "toeplitz")
 
     def energy(x: np.ndarray) -> float:
         return float(np.sum(x ** 2))
@@ -81,27 +82,93 @@ def _sdr_test_signals(seed: int, n_src: int, n: int) -> tuple[np.ndarray, np.nda
     return references, estimates
 
 
+# toeplitz solves the same least-squares problem as mir_eval: equal up to rounding.
+SDR_AGREEMENT_DB = {"toeplitz": 1e-6, "fast_bss_eval": 0.05}
+
+
 @pytest.mark.parametrize("seed,n_src", [(0, 2), (1, 2), (2, 3)])
 def test_fast_sdr_matches_mir_eval(seed: int, n_src: int):
     references, estimates = _sdr_test_signals(seed, n_src, SR // 2)
     mixture = references.sum(0)
     estimate_sets = np.stack([estimates, np.tile(mixture, (n_src, 1)), np.roll(estimates, 1, axis=0)])
-    fast = bss_sdr(estimate_sets, references, "fast_bss_eval")
     reference = bss_sdr(estimate_sets, references, "mir_eval")
-    assert fast.shape == (3, n_src)
-    np.testing.assert_allclose(fast, reference, atol=0.05)
-    # Sanity: the aligned estimates score far above the misaligned ones.
-    assert fast[0].min() > fast[2].max()
+    for backend, tolerance in SDR_AGREEMENT_DB.items():
+        fast = bss_sdr(estimate_sets, references, backend)
+        assert fast.shape == (3, n_src)
+        np.testing.assert_allclose(fast, reference, atol=tolerance, err_msg=backend)
+        # Sanity: the aligned estimates score far above the misaligned ones.
+        assert fast[0].min() > fast[2].max()
 
 
-def test_sdr_allows_a_short_distortion_filter():
+@pytest.mark.parametrize("n_samples", [1, 100, 511, 700])
+def test_toeplitz_sdr_short_signals_match_mir_eval(n_samples: int):
+    """Shorter than the 512-tap filter: the zero-padded system is still well posed (a single
+    sample is its own filtered reference: +inf in both)."""
+    rng = np.random.default_rng(n_samples)
+    references = rng.standard_normal((2, n_samples))
+    estimates = references + 0.5 * rng.standard_normal((2, n_samples))
+    fast = toeplitz_sdr(estimates[None], references)
+    reference = bss_sdr(estimates[None], references, "mir_eval")
+    if n_samples == 1:
+        assert np.all(fast > 100) and np.all(reference > 100)
+    else:
+        np.testing.assert_allclose(fast, reference, atol=1e-6)
+
+
+def test_toeplitz_sdr_narrowband_reference_matches_mir_eval():
+    """Whistle-like tones in faint noise: badly conditioned (~1e8) Toeplitz systems."""
+    rng = np.random.default_rng(6)
+    t = np.arange(SR)
+    references = np.stack([np.sin(2 * np.pi * 0.1 * t), np.sin(2 * np.pi * 0.23 * t + 1) * np.hanning(SR)])
+    references += 1e-3 * rng.standard_normal(references.shape)
+    estimates = references + 0.3 * references[::-1] + 0.01 * rng.standard_normal(references.shape)
+    np.testing.assert_allclose(toeplitz_sdr(estimates[None], references),
+                               bss_sdr(estimates[None], references, "mir_eval"), atol=1e-6)
+
+
+@pytest.mark.parametrize("failure", ["breakdown", "out_of_range"])
+def test_toeplitz_sdr_falls_back_to_a_direct_solve(monkeypatch, failure: str):
+    """Where the fast solver breaks down or its projected energy is impossible (outside
+    [0, |estimate|^2]), the reference's system is solved directly, as mir_eval does."""
+    references, estimates = _sdr_test_signals(7, 2, 2000)
+
+    def broken(autocorr, rhs):
+        if failure == "breakdown":
+            raise np.linalg.LinAlgError("Levinson recursion broke down")
+        return np.full(rhs.shape[0], 1e30)
+
+    expected = toeplitz_sdr(estimates[None], references)  # equal to mir_eval's (tests above)
+    monkeypatch.setattr(local.metrics, "_toeplitz_inverse_forms", broken)
+    np.testing.assert_allclose(toeplitz_sdr(estimates[None], references), expected, atol=1e-6)
+
+
+def test_sdr_edge_cases_like_mir_eval():
+    rng = np.random.default_rng(8)
+    references = rng.standard_normal((2, 1000))
+    # A perfect estimate: only rounding is left of the residual (+inf or >100 dB in both).
+    assert np.all(toeplitz_sdr(references[None], references) > 100)
+    assert np.all(bss_sdr(references[None], references, "mir_eval") > 100)
+    # Silent references or estimates leave the SDR undefined: both refuse them.
+    silent_reference = references * [[1.0], [0.0]]
+    silent_estimate = references[None] * [[[0.0], [1.0]]]
+    for backend in ("toeplitz", "mir_eval"):
+        with pytest.raises(ValueError, match="silent"):
+            bss_sdr(references[None], silent_reference, backend)
+        with pytest.raises(ValueError, match="silent"):
+            bss_sdr(silent_estimate, references, backend)
+    with pytest.raises(ValueError, match="empty"):
+        toeplitz_sdr(np.zeros((1, 2, 0)), np.zeros((2, 0)))
+
+
+@pytest.mark.parametrize("backend", ["toeplitz", "fast_bss_eval"])
+def test_sdr_allows_a_short_distortion_filter(backend: str):
     """BSS Eval SDR allows a 512-tap filter of the reference: a filtered copy scores high
     (only the filter's tail cut at the signal's end counts as error, ~-36 dB here), while
     SI-SNR (no filter: 10 log10(0.25 / 0.13) = 2.8 dB) penalises the filtering."""
     rng = np.random.default_rng(3)
     references = np.stack([rng.standard_normal(SR), rng.standard_normal(SR)])
     filtered = np.stack([lfilter([0.5, 0.3, -0.2], [1.0], r) for r in references])
-    sdr = bss_sdr(filtered[None], references, "fast_bss_eval")[0]
+    sdr = bss_sdr(filtered[None], references, backend)[0]
     si_snr = np.diag(pairwise_si_snr(filtered, references))
     assert sdr.min() > 30
     np.testing.assert_allclose(si_snr, 10 * np.log10(0.25 / 0.13), atol=0.2)
@@ -122,7 +189,7 @@ def test_oracle_masks_separate_disjoint_bands():
     assert (win, hop) == (256, 64)
     estimates = oracle_estimates(mixture, references, win, hop)
     assert set(estimates) == {"ibm", "irm", "wiener"}
-    scores = score_estimates(mixture, references, estimates, "fast_bss_eval")
+    scores = score_estimates(mixture, references, estimates, "toeplitz")
     for name in ("ibm", "irm", "wiener"):
         assert estimates[name].shape == references.shape
         np.testing.assert_array_equal(scores[name]["perm"], [0, 1])
@@ -141,6 +208,6 @@ def test_oracle_masks_on_overlapping_sources_are_imperfect():
     references = rng.standard_normal((2, SR))
     mixture = references.sum(0)
     estimates = oracle_estimates(mixture, references, *stft_sizes(SR, 32, 8))
-    scores = score_estimates(mixture, references, estimates, "fast_bss_eval")
+    scores = score_estimates(mixture, references, estimates, "toeplitz")
     for name in ("ibm", "irm", "wiener"):
         assert 0 < scores[name]["si_sdr_imp"].mean() < 15
