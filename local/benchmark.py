@@ -5,7 +5,8 @@
                               [--key value ...]
 
 In one run, on the same inputs and the same weights:
-  * training step (forward, PIT SI-SDR loss, backward, Adam step) of the thesis config (the
+  * training step (forward, PIT SI-SDR loss, backward, Adam step: torch's default Adam for
+    stock as in asteroid's recipes, this recipe's fused Adam for ours) of the thesis config (the
     `model` section of --conf) and of the CPU preset (--preset_conf), each at its own training
     batch (`batch_size` x `segment_s`) and torch thread count (`num_threads`, 0 = all cores;
     --threads overrides both): median of a few steps after one warm-up step;
@@ -130,7 +131,12 @@ def _train_case(model, case, samples, device) -> dict[str, Any]:
     from asteroid.losses import PITLossWrapper, pairwise_neg_sisdr
 
     loss_func = PITLossWrapper(pairwise_neg_sisdr, pit_from="pw_mtx")
-    optimizer = torch.optim.Adam(model.parameters(), lr=case["lr"])
+    if case["impl"] == "stock":   # asteroid's recipes: torch's default Adam
+        optimizer = torch.optim.Adam(model.parameters(), lr=case["lr"])
+    else:                         # this recipe's (model.py): fused Adam
+        from model import make_recipe_optimizer
+
+        optimizer = make_recipe_optimizer(model.parameters(), "adam", case["lr"], 0.0)
     mixture, sources = _batch(case["kwargs"]["n_src"], case["batch"], samples, case["seed"])
     mixture, sources = mixture.to(device), sources.to(device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=case.get("bf16", False))
@@ -426,6 +432,13 @@ def run_benchmark(conf: Conf, preset_conf: Conf, *, quick: bool = False,
         preset_source=preset_source or "given", isolated=isolate,
         omp_wait_policy=os.environ.get("OMP_WAIT_POLICY", OMP_WAIT_POLICY) if isolate
         else os.environ.get("OMP_WAIT_POLICY", "default"), cases={})
+    import tcn_native
+
+    # Whether ours ran its gLN blocks on the fused C kernels, or on torch (and why).
+    results["native_kernels"] = tcn_native.kernels() is not None
+    results["native_kernels_missing_because"] = tcn_native.unavailable_reason()
+    log(f"native TCN kernels: {'yes' if results['native_kernels'] else 'no'}"
+        + ("" if results["native_kernels"] else f" ({results['native_kernels_missing_because']})"))
     cases = results["cases"]
 
     for name, c in (("thesis", conf), ("preset", preset_conf)):
