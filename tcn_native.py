@@ -146,10 +146,6 @@ class NativeKernels:
     def __init__(self, lib: ctypes.CDLL):
         self.lib = lib
 
-    @staticmethod
-    def supports(x: torch.Tensor) -> bool:
-        return x.device.type == "cpu" and x.dtype == torch.float32
-
     def _call(self, name: str, *args) -> None:
         if getattr(self.lib, name)(*args, torch.get_num_threads()) != 0:
             raise NativeKernelError(f"{name}: out of memory")
