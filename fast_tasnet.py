@@ -23,6 +23,9 @@ faster implementation:
   reductions through the fused C kernels of tcn_native.py (one pass where torch needs several;
   built on first use with the system's C compiler); without a compiler, or with
   BIRDSEP_NATIVE=0, the same math runs on torch operators.
+* In training on CPU, the mask head (output activation, masking, the decoder's matrix
+  product) is one `torch.autograd.Function` too, whose backward is one pass of a C kernel
+  (or, without one, a GEMM and a few torch passes).
 * Elsewhere (CUDA, autocast, float64 unless `impl="function"`) the same channels-last
   formulation runs on plain autograd operators, with gLN statistics in float32 or better.
 
@@ -580,30 +583,26 @@ class _GlobalNormBlockFunction(torch.autograd.Function):
             parts.append((grad_skip_out if grad_skip_out is not None
                           else x.new_zeros(batch, frames, out_chans - n_res),
                           slice(n_res, out_chans)))
-        # Output GEMMs and second norm.
+        # Output GEMMs and second norm.  With the output gradient scaled by each item's rstd,
+        # dz' = rstd * [d res | d skip], grad_q = dz' @ W' is one GEMM over all items, and
+        # so is each item's share of W''s gradient, M_b = dz'_b^T q_b.  The norm's backward
+        # needs sum(q * grad_q) per item, which is <W', M_b>: no pass over q and grad_q.
         q = saved2 if is_result2 else F.leaky_relu(saved2, a2)
-        scales = rstd2.view(-1).tolist()
+        scaled = _WORKSPACE.get("grad_out_scaled", (batch, frames, out_chans), q)
+        for g, rows in parts:
+            torch.mul(g, rstd2, out=scaled[..., rows])
         grad_q = _WORKSPACE.get("grad_hidden_a", q.shape, q)
-        grad_w_out = torch.zeros_like(w_out)
+        torch.mm(scaled.view(-1, out_chans), w_out, out=grad_q.view(-1, hid))
+        item_shares = torch.bmm(scaled.transpose(1, 2), q)             # (B, O, H)
         item_sums = torch.cat([g.sum(1) for g, _ in parts], 1)          # (B, O)
-        for i in range(batch):
-            for j, (g, rows) in enumerate(parts):
-                if j == 0:
-                    torch.addmm(grad_q[i], g[i], w_out[rows], beta=0, alpha=scales[i],
-                                out=grad_q[i])
-                else:
-                    grad_q[i].addmm_(g[i], w_out[rows], alpha=scales[i])
-                grad_w_out[rows].addmm_(g[i].t(), q[i], alpha=scales[i])
         rm2 = (rstd2 * mean2).view(batch, 1)
-        grad_w_out -= (rm2 * item_sums).sum(0).unsqueeze(1)
+        grad_w_out = item_shares.sum(0).sub_((rm2 * item_sums).sum(0).unsqueeze(1))
         grad_b_out = item_sums.sum(0)
         g_dot_s = (item_sums @ w_out.sum(1)).view(batch, 1, 1)
         p = saved1 if is_result1 else F.leaky_relu(saved1, a1)
         native = _native_kernels(x, a1, a2)
-        if native is not None:
-            rows = native.rows_dot(q, grad_q).to(q.dtype).view(batch, 1, 1)
-        else:
-            rows = _rows_dot(q, grad_q, "gLN")
+        wide = torch.float64 if q.dtype == torch.float32 else q.dtype
+        rows = (item_shares.to(wide) * w_out.to(wide)).sum((1, 2)).to(q.dtype).view(batch, 1, 1)
         grad_rstd = rows / rstd2 - mean2 * g_dot_s
         n = frames * hid
         slope = (-rstd2.pow(3) / n) * grad_rstd
@@ -659,6 +658,76 @@ class _GlobalNormBlockFunction(torch.autograd.Function):
         return (grad_x.view(batch, frames, chans), grad_skip, grad_w_in, grad_b_in, grad_slope1,
                 grad_gamma1, grad_beta1, grad_taps, grad_b_dw, grad_slope2, grad_w_out,
                 grad_b_out, None, None, None)
+
+
+# ----------------------------------------------------------------------------------------------
+# Mask head: masks = act(score) over sources, masked = masks * tf_rep, decoder frames.
+# ----------------------------------------------------------------------------------------------
+_MASK_ACTIVATIONS = {nn.Identity: "linear", nn.ReLU: "relu", nn.Sigmoid: "sigmoid"}
+
+
+def _mask_activation_forward(score: torch.Tensor, name: str) -> torch.Tensor:
+    """score (B, T, n_src, N) -> masks; softmax over the sources."""
+    if name == "softmax":
+        return torch.softmax(score, dim=2)
+    if name == "sigmoid":
+        return torch.sigmoid(score)
+    if name == "relu":
+        return torch.relu(score)
+    return score
+
+
+def _mask_activation_backward_(grad: torch.Tensor, mask: torch.Tensor, name: str):
+    """Gradient of the score from that of the masks (in place on grad), in terms of the masks."""
+    if name == "softmax":
+        return grad.sub_((grad * mask).sum(2, keepdim=True)).mul_(mask)
+    if name == "sigmoid":
+        return grad.mul_(mask).mul_(1 - mask)
+    if name == "relu":
+        return grad.mul_(mask > 0)
+    return grad
+
+
+class _MaskDecodeFunction(torch.autograd.Function):
+    """frames = (act(score) * tf_rep) @ filters: the masks, the masking and the decoder's
+    matrix product (before its overlap-add).  score (B, T, S, N), tf_rep (B, T, N), filters
+    (N, L) -> frames (B, T, S, L).  Keeps the masks only; the backward is one pass of a C
+    kernel (the torch fallback: a matrix product and a few elementwise passes)."""
+
+    @staticmethod
+    def forward(ctx, score, tf_rep, filters, activation):
+        batch, frames, n_src, n_filters = score.shape
+        mask = _mask_activation_forward(score, activation)
+        masked = torch.mul(mask, tf_rep.unsqueeze(2))
+        out = torch.mm(masked.view(-1, n_filters), filters)
+        ctx.save_for_backward(mask, tf_rep, filters)
+        ctx.activation = activation
+        return out.view(batch, frames, n_src, -1)
+
+    @staticmethod
+    def backward(ctx, grad_frames):
+        mask, tf_rep, filters = ctx.saved_tensors
+        batch, frames, n_src, n_filters = mask.shape
+        taps = filters.shape[1]
+        native = None
+        if mask.device.type == "cpu" and mask.dtype == torch.float32:
+            native = tcn_native.kernels()
+        if native is not None:
+            rows = batch * frames
+            grad_score, grad_tf, grad_w = native.mask_decode_backward(
+                grad_frames.contiguous().view(rows, n_src, taps), filters.t().contiguous(),
+                mask.contiguous().view(rows, n_src, n_filters),
+                tf_rep.contiguous().view(rows, n_filters), ctx.activation)
+            return (grad_score.view(mask.shape), grad_tf.view(tf_rep.shape),
+                    grad_w.t().to(filters.dtype), None)
+        grad_2d = grad_frames.reshape(-1, taps)
+        grad_masked = torch.mm(grad_2d, filters.t()).view(mask.shape)
+        masked = mask * tf_rep.unsqueeze(2)
+        grad_w = torch.mm(masked.view(-1, n_filters).t(), grad_2d)
+        grad_tf = (grad_masked * mask).sum(2)
+        grad_score = _mask_activation_backward_(grad_masked.mul_(tf_rep.unsqueeze(2)), mask,
+                                                ctx.activation)
+        return grad_score, grad_tf, grad_w, None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -839,12 +908,22 @@ class FastConvTasNet(ConvTasNet):
         ndim = wav.ndim
         wav3 = wav.reshape(1, 1, -1) if ndim == 1 else (wav.unsqueeze(1) if ndim == 2 else wav)
         tf_rep = self._encode(wav3)                                  # (B, T, N)
-        masks = self._masks(tf_rep, mode)                            # (B, T, n_src, N)
-        if torch.is_grad_enabled():
-            masked = masks * tf_rep.unsqueeze(2)
+        activation = self._mask_activation()
+        if (mode == "function" and torch.is_grad_enabled() and activation is not None
+                and self._fast_decoder() and masker_supported(self.masker)):
+            # Masks, masking and the decoder's matrix product in one function (its backward
+            # is one pass; autograd's is six over (B, T, n_src, N) tensors).
+            score = self._mask_scores(tf_rep, mode)                  # (B, T, n_src, N)
+            filters = self.decoder.get_filters().squeeze(1)          # (N, L)
+            frames = _MaskDecodeFunction.apply(score, tf_rep, filters, activation)
+            decoded = self._overlap_add(frames)                      # (B, n_src, time)
         else:
-            masked = masks.mul_(tf_rep.unsqueeze(2))
-        decoded = self._decode(masked)                               # (B, n_src, time)
+            masks = self._masks(tf_rep, mode)                        # (B, T, n_src, N)
+            if torch.is_grad_enabled():
+                masked = masks * tf_rep.unsqueeze(2)
+            else:
+                masked = masks.mul_(tf_rep.unsqueeze(2))
+            decoded = self._decode(masked)                           # (B, n_src, time)
         reconstructed = pad_x_to_y(decoded, wav3)
         return reconstructed.squeeze(0) if ndim == 1 else reconstructed
 
@@ -867,9 +946,13 @@ class FastConvTasNet(ConvTasNet):
         if not self._fast_decoder():
             return self.forward_decoder(masked.permute(0, 2, 3, 1))
         filters = self.decoder.get_filters()                        # (N, 1, L)
-        kernel, stride = filters.shape[-1], self.decoder.stride
-        batch, n_frames, n_src, _ = masked.shape
-        frames = torch.matmul(masked, filters.squeeze(1)).permute(0, 2, 1, 3)  # (B, S, T, L)
+        return self._overlap_add(torch.matmul(masked, filters.squeeze(1)))
+
+    def _overlap_add(self, frames: torch.Tensor) -> torch.Tensor:
+        """Decoder frames (B, T, n_src, L) -> waveforms (B, n_src, time)."""
+        batch, n_frames, n_src, kernel = frames.shape
+        stride = self.decoder.stride
+        frames = frames.permute(0, 2, 1, 3)                         # (B, S, T, L)
         if kernel % stride == 0:
             hops = kernel // stride
             parts = [F.pad(frames[..., j * stride:(j + 1) * stride], (0, 0, j, hops - 1 - j))
@@ -888,6 +971,21 @@ class FastConvTasNet(ConvTasNet):
         masker = self.masker
         if mode == "stock" or not masker_supported(masker):
             return masker(tf_rep.transpose(1, 2)).permute(0, 3, 1, 2)
+        score = self._mask_scores(tf_rep, mode)
+        # asteroid applies output_act to (B, n_src, out_chan, T): give it that view.
+        return masker.output_act(score.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+    def _mask_activation(self) -> Optional[str]:
+        """Name of the masker's output activation when _MaskDecodeFunction implements it."""
+        act = self.masker.output_act
+        if type(act) is nn.Softmax:
+            # asteroid's softmax runs over dim 1 of (B, n_src, N, T): the sources.
+            return "softmax" if act.dim == 1 else None
+        return _MASK_ACTIVATIONS.get(type(act))
+
+    def _mask_scores(self, tf_rep: torch.Tensor, mode: str) -> torch.Tensor:
+        """Mask scores before the output activation, (B, T, n_src, out_chan), contiguous."""
+        masker = self.masker
         if mode == "function" and not torch.is_grad_enabled():
             mask_in = self._mask_input_inference(tf_rep)
         elif mode == "function":
@@ -897,9 +995,7 @@ class FastConvTasNet(ConvTasNet):
         prelu, conv = masker.mask_net
         score = F.linear(F.prelu(mask_in, prelu.weight), conv.weight.squeeze(-1), conv.bias)
         batch, n_frames, _ = score.shape
-        score = score.view(batch, n_frames, masker.n_src, masker.out_chan)
-        # asteroid applies output_act to (B, n_src, out_chan, T): give it that view.
-        return masker.output_act(score.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        return score.view(batch, n_frames, masker.n_src, masker.out_chan)
 
     def _bottleneck_weights(self):
         norm, conv = self.masker.bottleneck

@@ -91,12 +91,15 @@ _SIGNATURES = {
     "bias_prelu_stats": [_PTR, _PTR, _LONG, _LONG, _LONG, _FLOAT, _PTR, _INT],
     "depthwise_prelu_stats": [_PTR, _PTR, _LONG, _LONG, _LONG, _LONG, _PTR, _PTR, _PTR, _PTR,
                               _FLOAT, _PTR, _INT],
-    "rows_dot": [_PTR, _PTR, _LONG, _LONG, _LONG, _PTR, _INT],
     "norm_prelu_backward_taps": [_PTR, _PTR, _PTR, _LONG, _LONG, _LONG, _LONG, _PTR, _PTR, _PTR,
                                  _FLOAT, _PTR, _PTR, _PTR, _PTR, _INT],
     "norm_depthwise_prelu_backward": [_PTR, _PTR, _PTR, _LONG, _LONG, _LONG, _LONG, _PTR, _PTR,
                                       _PTR, _PTR, _FLOAT, _PTR, _PTR, _INT],
+    "mask_decode_backward": [_PTR, _PTR, _PTR, _PTR, _LONG, _LONG, _LONG, _LONG, _INT, _PTR, _PTR,
+                             _PTR, _INT],
 }
+# Mask activations of mask_decode_backward (the C file's ACT_* codes).
+MASK_ACTIVATIONS = {"linear": 0, "relu": 1, "sigmoid": 2, "softmax": 3}
 
 
 def _load() -> ctypes.CDLL:
@@ -173,14 +176,6 @@ class NativeKernels:
                    _ptr(sums))
         return sums
 
-    def rows_dot(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """(B,) float64: per item, sum of x * y."""
-        _check(x, y)
-        batch, frames, chans = x.shape
-        out = torch.empty(batch, dtype=torch.float64)
-        self._call("rows_dot", _ptr(x), _ptr(y), batch, frames, chans, _ptr(out))
-        return out
-
     def norm_prelu_backward_taps_(self, g: torch.Tensor, q: torch.Tensor, p: torch.Tensor,
                                   offsets: torch.Tensor, coef_q: torch.Tensor,
                                   coef_c: torch.Tensor, slope: float):
@@ -211,6 +206,22 @@ class NativeKernels:
                    chans, offsets.numel(), _ptr(offsets), _ptr(taps), _ptr(coef_p), _ptr(coef_c),
                    slope, _ptr(neg), _ptr(col_sum))
         return neg, col_sum
+
+    def mask_decode_backward(self, grad_frames: torch.Tensor, w_dec: torch.Tensor,
+                             mask: torch.Tensor, tf_rep: torch.Tensor, activation: str):
+        """Backward of frames = (act(score) * tf_rep) @ w_dec^T (see the C file).
+        grad_frames (R, S, L), w_dec (L, N), mask (R, S, N) = act(score), tf_rep (R, N).
+        Returns (grad_score (R, S, N), grad_tf_rep (R, N), grad_w_dec (L, N) float64)."""
+        _check(grad_frames, w_dec, mask, tf_rep)
+        rows, n_src, taps = grad_frames.shape
+        n_filters = w_dec.shape[1]
+        grad_score = torch.empty_like(mask)
+        grad_tf = torch.empty_like(tf_rep)
+        grad_w = torch.empty(taps, n_filters, dtype=torch.float64)
+        self._call("mask_decode_backward", _ptr(grad_frames), _ptr(w_dec), _ptr(mask),
+                   _ptr(tf_rep), rows, n_src, n_filters, taps, MASK_ACTIVATIONS[activation],
+                   _ptr(grad_score), _ptr(grad_tf), _ptr(grad_w))
+        return grad_score, grad_tf, grad_w
 
 
 def offsets_tensor(offsets: Sequence[int]) -> torch.Tensor:

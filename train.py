@@ -40,6 +40,7 @@ from torch.utils.data import DataLoader
 
 from local.data_layouts import DataLayoutError, open_split
 from model import make_model_and_optimizer
+from utils.allocator import keep_freed_memory
 from utils.atomic import atomic_path, atomic_write_text
 from utils.config import Conf, ConfError, parse_stage_args, read_conf, write_conf
 from utils.stage_marker import clear_done, is_done, mark_done
@@ -255,6 +256,8 @@ def train(conf: Conf, data_dir: str | Path, exp_dir: str | Path) -> Path:
 
     if t["num_threads"] > 0:
         torch.set_num_threads(t["num_threads"])
+    # Steps reuse freed activations instead of page-faulting fresh ones (utils/allocator.py).
+    keep_freed_memory()
     pl.seed_everything(conf["common"]["seed"], workers=True)
     if torch.cuda.is_available():
         torch.set_float32_matmul_precision("high")  # TF32 on Ampere and later

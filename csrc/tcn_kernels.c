@@ -130,31 +130,6 @@ int depthwise_prelu_stats(const float *p, float *out, long B, long T, long C, lo
     return 0;
 }
 
-/* out[b] = sum over item b of x * y. */
-int rows_dot(const float *x, const float *y, long B, long T, long C, double *out, int threads)
-{
-    long chunks = n_chunks(T), tasks = B * chunks;
-    double *part = alloc(sizeof(double) * tasks);
-    if (!part) return 1;
-#pragma omp parallel for num_threads(threads) schedule(static)
-    for (long task = 0; task < tasks; task++) {
-        long b, t0, t1;
-        chunk_of(task, chunks, T, &b, &t0, &t1);
-        double s = 0;
-        for (long t = t0; t < t1; t++) {
-            const float *xr = x + (b * T + t) * C, *yr = y + (b * T + t) * C;
-            float rs = 0;
-#pragma omp simd reduction(+ : rs)
-            for (long c = 0; c < C; c++) rs += xr[c] * yr[c];
-            s += rs;
-        }
-        part[task] = s;
-    }
-    reduce_items(part, B, chunks, 1, out);
-    free(part);
-    return 0;
-}
-
 /* Backward through the second norm's centring/scaling and the second leaky ReLU, with the
  * reductions the depthwise convolution's backward needs, in place on g:
  *   g' = g + coef_q[b] q + coef_c[b];  g = g' * (q > 0 ? 1 : a)     (q: the leaky ReLU output)
@@ -288,5 +263,87 @@ int norm_depthwise_prelu_backward(const float *p, const float *g, float *out, lo
         for (long c = 0; c < C; c++) col_sum[c] += items[b * width + 1 + c];
     }
     free(items);
+    return 0;
+}
+
+/* Mask activations (fast_tasnet.py's _MASK_ACTIVATIONS). */
+enum { ACT_LINEAR = 0, ACT_RELU = 1, ACT_SIGMOID = 2, ACT_SOFTMAX = 3 };
+
+/* Backward of the mask head: masks m = act(score) over sources, masked = m * tf, decoder frames
+ * f = masked @ w^T, for R rows (batch x frames), S sources, N filters, L taps; gf = df:
+ *   dmasked[r,s,n] = sum_l gf[r,s,l] w[l,n]           (the decoder's 1x1 transposed conv)
+ *   grad_tf[r,n]   = sum_s dmasked[r,s,n] m[r,s,n]
+ *   grad_score     = act'(dmasked * tf)              (in terms of m; softmax over s)
+ *   grad_w[l,n]    = sum_{r,s} gf[r,s,l] m[r,s,n] tf[r,n]
+ * One pass over the rows: dmasked and masked never go to memory.  w: (L, N); scratch: S * N
+ * floats per thread are allocated here. */
+int mask_decode_backward(const float *gf, const float *w, const float *mask, const float *tf,
+                         long R, long S, long N, long L, int act, float *grad_score,
+                         float *grad_tf, double *grad_w, int threads)
+{
+    long tasks = (R + CHUNK - 1) / CHUNK, width = L * N;
+    double *part = alloc(sizeof(double) * width * tasks);
+    if (!part) return 1;
+    int failed = 0;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (long task = 0; task < tasks; task++) {
+        long r0 = task * CHUNK, r1 = r0 + CHUNK < R ? r0 + CHUNK : R;
+        float *acc = calloc(width, sizeof(float));
+        float *dot = alloc(sizeof(float) * N);
+        if (!acc || !dot) {
+            failed = 1;
+            free(acc);
+            free(dot);
+            continue;
+        }
+        for (long r = r0; r < r1; r++) {
+            const float *tr = tf + r * N;
+            float *gt = grad_tf + r * N;
+            for (long n = 0; n < N; n++) gt[n] = 0, dot[n] = 0;
+            for (long s = 0; s < S; s++) {
+                const float *gr = gf + (r * S + s) * L, *mr = mask + (r * S + s) * N;
+                float *h = grad_score + (r * S + s) * N;
+                for (long n = 0; n < N; n++) h[n] = 0;
+                for (long l = 0; l < L; l++) {
+                    const float *wl = w + l * N;
+                    float *al = acc + l * N;
+                    float gl = gr[l];
+#pragma omp simd
+                    for (long n = 0; n < N; n++) {
+                        h[n] += gl * wl[n];
+                        al[n] += gl * (mr[n] * tr[n]);
+                    }
+                }
+#pragma omp simd
+                for (long n = 0; n < N; n++) {
+                    gt[n] += h[n] * mr[n];
+                    h[n] *= tr[n];
+                    dot[n] += h[n] * mr[n];
+                }
+            }
+            for (long s = 0; s < S; s++) {
+                const float *mr = mask + (r * S + s) * N;
+                float *h = grad_score + (r * S + s) * N;
+                if (act == ACT_SIGMOID) {
+#pragma omp simd
+                    for (long n = 0; n < N; n++) h[n] *= mr[n] * (1.0f - mr[n]);
+                } else if (act == ACT_RELU) {
+#pragma omp simd
+                    for (long n = 0; n < N; n++) h[n] = mr[n] > 0 ? h[n] : 0.0f;
+                } else if (act == ACT_SOFTMAX) {
+#pragma omp simd
+                    for (long n = 0; n < N; n++) h[n] = mr[n] * (h[n] - dot[n]);
+                }
+            }
+        }
+        double *dst = part + task * width;
+        for (long i = 0; i < width; i++) dst[i] = acc[i];
+        free(acc);
+        free(dot);
+    }
+    double *total = finish_items(part, failed, 1, tasks, width);
+    if (!total) return 1;
+    memcpy(grad_w, total, sizeof(double) * width);
+    free(total);
     return 0;
 }

@@ -9,7 +9,8 @@ In one run, on the same inputs and the same weights:
     stock as in asteroid's recipes, this recipe's fused Adam for ours) of the thesis config (the
     `model` section of --conf) and of the CPU preset (--preset_conf), each at its own training
     batch (`batch_size` x `segment_s`) and torch thread count (`num_threads`, 0 = all cores;
-    --threads overrides both): median of a few steps after two full-size warm-up steps;
+    --threads overrides both): median of the steps of at least 5 s (3 steps at least) after
+    two full-size warm-up steps;
   * inference real-time factor (seconds of compute per second of audio) on a 60 s mixture;
   * peak memory: growth of the peak resident set size of a fresh process per case;
   * parity: stock weights loaded (strict) into ours, float32 outputs within 1e-4 and
@@ -23,7 +24,8 @@ In one run, on the same inputs and the same weights:
   * with CUDA: training throughput of ours under bf16 autocast against stock in float32.
 Ratios are stock / ours, so above 1 means ours is faster.  Timings on a machine shared with
 other work are noisy: stock and ours alternate, and the figures are medians.  Each case runs
-in a fresh process with OMP_WAIT_POLICY=PASSIVE unless the environment sets it (see below).
+in a fresh process with OMP_WAIT_POLICY=PASSIVE unless the environment sets it (see below),
+and with train.py's malloc settings (utils/allocator.py), stock and ours alike.
 """
 from __future__ import annotations
 
@@ -41,6 +43,7 @@ from typing import Any, Callable, Iterator, Optional
 import numpy as np
 import torch
 
+from utils.allocator import keep_freed_memory
 from utils.config import Conf, ConfError, parse_stage_args, read_conf
 
 # Acceptance thresholds of the parity check (relative errors).
@@ -58,6 +61,9 @@ SYNTHETIC_SDR_SECONDS = 4.4
 # a whole scheduler slice whenever one of the threads is descheduled (5x slower training
 # steps measured on a busy 2-core machine, stock and ours alike).
 OMP_WAIT_POLICY = "PASSIVE"
+# Timed training steps last at least this long in all (the preset's steps are short and
+# the median of three of them moved by 10 % from run to run).
+MIN_TIMED_S = 5.0
 QUICK_INFERENCE_SECONDS = 10.0
 
 
@@ -110,6 +116,8 @@ def _peak_rss_mb() -> float:
 # ----------------------------------------------------------------------------------------------
 def _run_case(case: dict[str, Any]) -> dict[str, Any]:
     torch.set_num_threads(case["threads"])
+    # The process settings train.py uses, for stock and ours alike.
+    keep_freed_memory()
     torch.manual_seed(case["seed"])
     if case["kind"] == "parity":
         return check_parity(case["kwargs"], seconds=case["seconds"], seed=case["seed"])
@@ -159,7 +167,9 @@ def _train_case(model, case, samples, device) -> dict[str, Any]:
     for _ in range(case["warmup"]):
         step()
     times = []
-    for _ in range(case["steps"]):
+    # At least `steps` steps and `min_seconds` seconds: a median over enough short steps.
+    while len(times) < case["steps"] or (sum(times) < case.get("min_seconds", 0)
+                                         and len(times) < 200):
         start = time.perf_counter()
         step()
         times.append(time.perf_counter() - start)
@@ -429,7 +439,8 @@ def run_benchmark(conf: Conf, preset_conf: Conf, *, quick: bool = False,
         cores=os.cpu_count(), torch_version=torch.__version__, quick=quick,
         preset_source=preset_source or "given", isolated=isolate,
         omp_wait_policy=os.environ.get("OMP_WAIT_POLICY", OMP_WAIT_POLICY) if isolate
-        else os.environ.get("OMP_WAIT_POLICY", "default"), cases={})
+        else os.environ.get("OMP_WAIT_POLICY", "default"),
+        malloc_keeps_freed_memory=keep_freed_memory(), cases={})
     import tcn_native
 
     # Whether ours ran its gLN blocks on the fused C kernels, or on torch (and why).
@@ -444,7 +455,7 @@ def run_benchmark(conf: Conf, preset_conf: Conf, *, quick: bool = False,
         t = c["training"]
         base = dict(kind="train", kwargs=kwargs, batch=t["batch_size"], seconds=t["segment_s"],
                     warmup=warmup, steps=steps, threads=_threads_of(c, threads), seed=seed,
-                    lr=c["optim"]["lr"])
+                    lr=c["optim"]["lr"], min_seconds=0.0 if quick else MIN_TIMED_S)
         for impl in ("stock", "fast"):
             log(f"training step, {name}, {impl} ...")
             cases[f"train_{name}_{impl}"] = run_case(dict(base, impl=impl))

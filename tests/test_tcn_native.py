@@ -11,7 +11,7 @@ from asteroid.models import ConvTasNet
 
 import tcn_native
 from conftest import TINY_MODEL
-from fast_tasnet import FastConvTasNet
+from fast_tasnet import FastConvTasNet, _MaskDecodeFunction
 from model import model_kwargs
 from utils.config import read_conf
 
@@ -104,6 +104,65 @@ def test_kernel_sums_do_not_depend_on_the_thread_count():
             g = x.clone()
             taps = native.norm_prelu_backward_taps_(g, q, p, offsets, *coefs, 0.3)
             results.append((y, sums, g, *taps))
+    finally:
+        torch.set_num_threads(previous)
+    for one, two in zip(*results):
+        assert torch.equal(one, two)
+
+
+def mask_decode_gradients(score, tf_rep, filters, activation):
+    """Gradients of a weighted sum of _MaskDecodeFunction's frames (score, tf_rep, filters)."""
+    leaves = [t.detach().clone().requires_grad_() for t in (score, tf_rep, filters)]
+    frames = _MaskDecodeFunction.apply(*leaves, activation)
+    weights = torch.linspace(-1, 1, frames.numel(), dtype=frames.dtype).view(frames.shape)
+    (frames * weights).sum().backward()
+    return frames.detach(), [t.grad for t in leaves]
+
+
+@pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler on this machine")
+@pytest.mark.parametrize("activation", ["sigmoid", "softmax", "relu", "linear"])
+def test_mask_decode_kernel_matches_float64_autograd(activation, monkeypatch):
+    gen = torch.Generator().manual_seed(3)
+    score = torch.randn(2, 150, 3, 24, generator=gen)    # 300 rows: three row chunks
+    tf_rep = torch.randn(2, 150, 24, generator=gen).relu()
+    filters = torch.randn(24, 8, generator=gen)
+    # float64 runs the torch fallback of the function's backward; check it against autograd.
+    wide = [t.double() for t in (score, tf_rep, filters)]
+    leaves = [t.clone().requires_grad_() for t in wide]
+    act = {"sigmoid": torch.sigmoid, "relu": torch.relu, "linear": lambda x: x,
+           "softmax": lambda x: torch.softmax(x, dim=2)}[activation]
+    frames = torch.matmul(act(leaves[0]) * leaves[1].unsqueeze(2), leaves[2])
+    weights = torch.linspace(-1, 1, frames.numel(), dtype=frames.dtype).view(frames.shape)
+    (frames * weights).sum().backward()
+    expected = [t.grad for t in leaves]
+    out64, grads64 = mask_decode_gradients(*wide, activation)
+    assert torch.allclose(out64, frames.detach(), rtol=1e-12, atol=1e-12)
+    for got, want in zip(grads64, expected):
+        assert torch.allclose(got, want, rtol=1e-10, atol=1e-12)
+    # float32: the C kernel, then the torch fallback; both near float64 (softmax cancels digits:
+    # about 3e-5 here).
+    results = []
+    for native in ("1", "0"):
+        monkeypatch.setenv(tcn_native.ENV_SWITCH, native)
+        results.append(mask_decode_gradients(score, tf_rep, filters, activation)[1])
+    for grads in results:
+        for got, want in zip(grads, expected):
+            assert (got.double() - want).norm() <= 1e-4 * want.norm()
+
+
+@pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler on this machine")
+def test_mask_decode_kernel_does_not_depend_on_the_thread_count():
+    native = tcn_native.kernels()
+    gen = torch.Generator().manual_seed(4)
+    grad_frames, w_dec = torch.randn(700, 2, 8, generator=gen), torch.randn(8, 32, generator=gen)
+    mask, tf_rep = torch.rand(700, 2, 32, generator=gen), torch.randn(700, 32, generator=gen)
+    results = []
+    previous = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            results.append(native.mask_decode_backward(grad_frames, w_dec, mask, tf_rep,
+                                                       "sigmoid"))
     finally:
         torch.set_num_threads(previous)
     for one, two in zip(*results):
