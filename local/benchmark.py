@@ -21,7 +21,9 @@ In one run, on the same inputs and the same weights:
     --sdr_mixtures; synthetic mixtures without --data_dir): time, and agreement within 0.05 dB;
   * with --data_dir: time to fetch one training batch through BSDDataset + DataLoader, against
     a training step;
-  * with CUDA: training throughput of ours under bf16 autocast against stock in float32.
+  * with CUDA: training throughput of ours under bf16 autocast against stock in float32;
+  * for reference (not with --quick), stock once more under glibc's malloc defaults, as
+    asteroid runs out of the box: training steps and inference.
 Ratios are stock / ours, so above 1 means ours is faster.  Timings on a machine shared with
 other work are noisy: stock and ours alternate, and the figures are medians.  Each case runs
 in a fresh process with OMP_WAIT_POLICY=PASSIVE unless the environment sets it (see below),
@@ -116,8 +118,10 @@ def _peak_rss_mb() -> float:
 # ----------------------------------------------------------------------------------------------
 def _run_case(case: dict[str, Any]) -> dict[str, Any]:
     torch.set_num_threads(case["threads"])
-    # The process settings train.py uses, for stock and ours alike.
-    keep_freed_memory()
+    # The process settings train.py uses, for stock and ours alike (unless the case asks for
+    # glibc's defaults: stock as asteroid runs out of the box).
+    if case.get("keep_freed_memory", True):
+        keep_freed_memory()
     torch.manual_seed(case["seed"])
     if case["kind"] == "parity":
         return check_parity(case["kwargs"], seconds=case["seconds"], seed=case["seed"])
@@ -449,6 +453,8 @@ def run_benchmark(conf: Conf, preset_conf: Conf, *, quick: bool = False,
     log(f"native TCN kernels: {'yes' if results['native_kernels'] else 'no'}"
         + ("" if results["native_kernels"] else f" ({results['native_kernels_missing_because']})"))
     cases = results["cases"]
+    # Stock also under glibc's malloc defaults (a fresh process is needed to have them).
+    default_malloc = isolate and not quick and results["malloc_keeps_freed_memory"]
 
     for name, c in (("thesis", conf), ("preset", preset_conf)):
         kwargs = model_kwargs_of(c)
@@ -470,6 +476,8 @@ def run_benchmark(conf: Conf, preset_conf: Conf, *, quick: bool = False,
         log(f"train {name}: stock {stock['step_s']:.3f} s, ours {ours['step_s']:.3f} s -> "
             f"{results[f'train_speedup_{name}']:.2f}x; peak memory {stock['peak_rss_growth_mb']:.0f}"
             f" vs {ours['peak_rss_growth_mb']:.0f} MB")
+        if default_malloc:
+            _stock_with_default_malloc(results, f"train_{name}", "step_s", base, run_case, log)
 
     thesis_kwargs = model_kwargs_of(conf)
     for impl in ("stock", "fast"):
@@ -482,6 +490,10 @@ def run_benchmark(conf: Conf, preset_conf: Conf, *, quick: bool = False,
     results["infer_speedup_thesis"] = results["rtf_thesis_stock"] / results["rtf_thesis_ours"]
     log(f"inference thesis: RTF stock {results['rtf_thesis_stock']:.3f}, ours "
         f"{results['rtf_thesis_ours']:.3f} -> {results['infer_speedup_thesis']:.2f}x")
+    if default_malloc:
+        _stock_with_default_malloc(results, "infer_thesis", "rtf", dict(
+            kind="infer", kwargs=thesis_kwargs, seconds=infer_seconds, reps=reps,
+            threads=_threads_of(conf, threads), seed=seed), run_case, log)
 
     log("parity (stock weights in ours) ...")
     results["parity"] = {name: run_case(dict(
@@ -530,6 +542,18 @@ def run_benchmark(conf: Conf, preset_conf: Conf, *, quick: bool = False,
         atomic_write_text(json_path, json.dumps(results, indent=2, default=str) + "\n")
         log(f"wrote {json_path}")
     return results
+
+
+def _stock_with_default_malloc(results, prefix: str, key: str, base: dict, run_case,
+                               log) -> None:
+    """Stock once more, with glibc's malloc defaults, against ours as measured (the recipe's
+    settings): `<prefix>_stock_default_malloc` case, `*_vs_stock_default_malloc` ratio."""
+    case = run_case(dict(base, impl="stock", keep_freed_memory=False))
+    results["cases"][f"{prefix}_stock_default_malloc"] = case
+    ratio = case[key] / results["cases"][f"{prefix}_fast"][key]
+    name = prefix.replace("train_", "train_speedup_").replace("infer_", "infer_speedup_")
+    results[f"{name}_vs_stock_default_malloc"] = ratio
+    log(f"  stock with glibc's malloc defaults: {case[key]:.3f} {key} -> ours {ratio:.2f}x")
 
 
 def _gpu_cases(results, kwargs, conf, warmup, steps, seed, run_case, log) -> None:
