@@ -9,10 +9,11 @@ In one run, on the same inputs and the same weights:
     stock as in asteroid's recipes, this recipe's fused Adam for ours) of the thesis config (the
     `model` section of --conf) and of the CPU preset (--preset_conf), each at its own training
     batch (`batch_size` x `segment_s`) and torch thread count (`num_threads`, 0 = all cores;
-    --threads overrides both): median of the steps of at least 5 s (3 steps at least) after
-    two full-size warm-up steps;
+    --threads overrides both), stock and ours taking turns step by step in one process:
+    medians of at least 3 steps each and 5 s in all, after two full-size warm-up steps each;
   * inference real-time factor (seconds of compute per second of audio) on a 60 s mixture;
-  * peak memory: growth of the peak resident set size of a fresh process per case;
+  * peak memory: growth of the peak resident set size of a fresh process per model (one
+    warm-up and one timed training step; the inference cases);
   * parity: stock weights loaded (strict) into ours, float32 outputs within 1e-4 and
     gradients within 1e-3 (relative), float64 equal to 1e-8, thesis config and preset;
   * evaluation scoring (SI-SNR, permutations, BSS Eval SDR of the input, a model-like
@@ -25,8 +26,9 @@ In one run, on the same inputs and the same weights:
   * for reference (not with --quick), stock once more under glibc's malloc defaults, as
     asteroid runs out of the box: training steps and inference.
 Ratios are stock / ours, so above 1 means ours is faster.  Timings on a machine shared with
-other work are noisy: stock and ours alternate, and the figures are medians.  Each case runs
-in a fresh process with OMP_WAIT_POLICY=PASSIVE unless the environment sets it (see below),
+other work are noisy, and this machine's speed drifted by several percent from minute to
+minute: stock and ours alternate, and the figures are medians.  Each case runs in a fresh
+process with OMP_WAIT_POLICY=PASSIVE unless the environment sets it (see below),
 and with train.py's malloc settings (utils/allocator.py), stock and ours alike.
 """
 from __future__ import annotations
@@ -129,6 +131,8 @@ def _run_case(case: dict[str, Any]) -> dict[str, Any]:
         return compare_sdr_backends(case["data_dir"], case["n_mixtures"], case["sample_rate"],
                                     case["oracle_win_ms"], case["oracle_hop_ms"],
                                     case["backend"], case["seed"])
+    if case["kind"] == "train_pair":
+        return _train_pair_case(case)
     kwargs, impl = case["kwargs"], case["impl"]
     device = torch.device(case.get("device", "cpu"))
     model = build_model(kwargs, impl).to(device)
@@ -138,11 +142,13 @@ def _run_case(case: dict[str, Any]) -> dict[str, Any]:
     return _infer_case(model, case, samples)
 
 
-def _train_case(model, case, samples, device) -> dict[str, Any]:
+def _training_step(model, impl: str, case, samples, device) -> Callable[[], None]:
+    """One training step (forward, PIT loss, backward, optimizer) of `model` on the case's
+    batch, as a closure."""
     from asteroid.losses import PITLossWrapper, pairwise_neg_sisdr
 
     loss_func = PITLossWrapper(pairwise_neg_sisdr, pit_from="pw_mtx")
-    if case["impl"] == "stock":   # asteroid's recipes: torch's default Adam
+    if impl == "stock":           # asteroid's recipes: torch's default Adam
         optimizer = torch.optim.Adam(model.parameters(), lr=case["lr"])
     else:                         # this recipe's (model.py): fused Adam
         from model import make_recipe_optimizer
@@ -151,6 +157,7 @@ def _train_case(model, case, samples, device) -> dict[str, Any]:
     mixture, sources = _batch(case["kwargs"]["n_src"], case["batch"], samples, case["seed"])
     mixture, sources = mixture.to(device), sources.to(device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=case.get("bf16", False))
+    model.train()
 
     def step():
         optimizer.zero_grad(set_to_none=True)
@@ -162,25 +169,53 @@ def _train_case(model, case, samples, device) -> dict[str, Any]:
         if device.type == "cuda":
             torch.cuda.synchronize()
 
-    model.train()
-    rss_before = _peak_rss_mb()
+    return step
+
+
+def _timed_steps(steps: dict[str, Callable[[], None]], case) -> dict[str, list[float]]:
+    """Step times of each closure, taking turns: `warmup` untimed steps each, then at least
+    `steps` timed steps each and `min_seconds` seconds in all (capped at 200 turns)."""
     # Warm-up at full size: one-off initialisations (optimizer state, thread pools, kernels)
     # and the allocator's growth to its steady state (measured: after a warm-up on a short
     # batch, the first two full-size steps were up to 1.9x (stock) and 1.25x (ours) slower than
     # the following ones, which is not what a training run sees).
     for _ in range(case["warmup"]):
-        step()
-    times = []
-    # At least `steps` steps and `min_seconds` seconds: a median over enough short steps.
-    while len(times) < case["steps"] or (sum(times) < case.get("min_seconds", 0)
-                                         and len(times) < 200):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
+        for step in steps.values():
+            step()
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    total = 0.0
+    while (len(times[next(iter(steps))]) < case["steps"]
+           or (total < case.get("min_seconds", 0) and len(times[next(iter(steps))]) < 200)):
+        for name, step in steps.items():
+            start = time.perf_counter()
+            step()
+            times[name].append(time.perf_counter() - start)
+            total += times[name][-1]
+    return times
+
+
+def _train_case(model, case, samples, device) -> dict[str, Any]:
+    rss_before = _peak_rss_mb()
+    times = _timed_steps({"one": _training_step(model, case["impl"], case, samples, device)},
+                         case)["one"]
     step_s = statistics.median(times)
     return dict(step_s=step_s, steps_s=times, samples_per_s=case["batch"] / step_s,
                 peak_rss_growth_mb=_peak_rss_mb() - rss_before,
                 batch=case["batch"], seconds=case["seconds"], threads=case["threads"])
+
+
+def _train_pair_case(case) -> dict[str, Any]:
+    """Stock and ours (same initial weights) in one process, taking turns step by step: the
+    machine's speed drifts by several percent over minutes, and turns cancel the drift."""
+    samples = int(round(case["seconds"] * case["kwargs"]["sample_rate"]))
+    stock = build_model(case["kwargs"], "stock")
+    ours = build_model(case["kwargs"], "fast")
+    ours.load_state_dict(stock.state_dict(), strict=True)
+    device = torch.device("cpu")
+    times = _timed_steps({impl: _training_step(model, impl, case, samples, device)
+                          for impl, model in (("stock", stock), ("fast", ours))}, case)
+    return {f"{key}_{impl}": value for impl, steps in times.items()
+            for key, value in (("step_s", statistics.median(steps)), ("steps_s", steps))}
 
 
 def _infer_case(model, case, samples) -> dict[str, Any]:
@@ -462,22 +497,28 @@ def run_benchmark(conf: Conf, preset_conf: Conf, *, quick: bool = False,
         base = dict(kind="train", kwargs=kwargs, batch=t["batch_size"], seconds=t["segment_s"],
                     warmup=warmup, steps=steps, threads=_threads_of(c, threads), seed=seed,
                     lr=c["optim"]["lr"], min_seconds=0.0 if quick else MIN_TIMED_S)
+        # Step times: stock and ours taking turns in one process.  Peak memory: each alone in
+        # a fresh process (one warm-up and one timed step).
+        log(f"training steps, {name}, stock and ours taking turns ...")
+        pair = cases[f"train_{name}_pair"] = run_case(dict(base, kind="train_pair"))
         for impl in ("stock", "fast"):
-            log(f"training step, {name}, {impl} ...")
-            cases[f"train_{name}_{impl}"] = run_case(dict(base, impl=impl))
-            log(f"  {cases[f'train_{name}_{impl}']['step_s']:.3f} s/step")
-        stock, ours = cases[f"train_{name}_stock"], cases[f"train_{name}_fast"]
-        results[f"train_speedup_{name}"] = stock["step_s"] / ours["step_s"]
-        results[f"train_step_s_{name}_stock"] = stock["step_s"]
-        results[f"train_step_s_{name}_ours"] = ours["step_s"]
-        results[f"train_memory_ratio_{name}"] = (stock["peak_rss_growth_mb"]
-                                                 / max(ours["peak_rss_growth_mb"], 1e-6))
+            log(f"training memory, {name}, {impl} ...")
+            cases[f"train_{name}_{impl}_memory"] = run_case(dict(
+                base, impl=impl, warmup=1, steps=1, min_seconds=0.0))
+        memory = [cases[f"train_{name}_{impl}_memory"]["peak_rss_growth_mb"]
+                  for impl in ("stock", "fast")]
+        stock_s, ours_s = pair["step_s_stock"], pair["step_s_fast"]
+        results[f"train_speedup_{name}"] = stock_s / ours_s
+        results[f"train_step_s_{name}_stock"] = stock_s
+        results[f"train_step_s_{name}_ours"] = ours_s
+        results[f"train_memory_ratio_{name}"] = memory[0] / max(memory[1], 1e-6)
         results[f"threads_{name}"] = base["threads"]
-        log(f"train {name}: stock {stock['step_s']:.3f} s, ours {ours['step_s']:.3f} s -> "
-            f"{results[f'train_speedup_{name}']:.2f}x; peak memory {stock['peak_rss_growth_mb']:.0f}"
-            f" vs {ours['peak_rss_growth_mb']:.0f} MB")
+        log(f"train {name}: stock {stock_s:.3f} s, ours {ours_s:.3f} s -> "
+            f"{results[f'train_speedup_{name}']:.2f}x; peak memory {memory[0]:.0f} vs "
+            f"{memory[1]:.0f} MB")
         if default_malloc:
-            _stock_with_default_malloc(results, f"train_{name}", "step_s", base, run_case, log)
+            _stock_with_default_malloc(results, f"train_{name}", "step_s", ours_s, base,
+                                       run_case, log)
 
     thesis_kwargs = model_kwargs_of(conf)
     for impl in ("stock", "fast"):
@@ -491,7 +532,7 @@ def run_benchmark(conf: Conf, preset_conf: Conf, *, quick: bool = False,
     log(f"inference thesis: RTF stock {results['rtf_thesis_stock']:.3f}, ours "
         f"{results['rtf_thesis_ours']:.3f} -> {results['infer_speedup_thesis']:.2f}x")
     if default_malloc:
-        _stock_with_default_malloc(results, "infer_thesis", "rtf", dict(
+        _stock_with_default_malloc(results, "infer_thesis", "rtf", results["rtf_thesis_ours"], dict(
             kind="infer", kwargs=thesis_kwargs, seconds=infer_seconds, reps=reps,
             threads=_threads_of(conf, threads), seed=seed), run_case, log)
 
@@ -544,13 +585,14 @@ def run_benchmark(conf: Conf, preset_conf: Conf, *, quick: bool = False,
     return results
 
 
-def _stock_with_default_malloc(results, prefix: str, key: str, base: dict, run_case,
-                               log) -> None:
-    """Stock once more, with glibc's malloc defaults, against ours as measured (the recipe's
-    settings): `<prefix>_stock_default_malloc` case, `*_vs_stock_default_malloc` ratio."""
+def _stock_with_default_malloc(results, prefix: str, key: str, ours: float, base: dict,
+                               run_case, log) -> None:
+    """Stock once more, with glibc's malloc defaults, against ours as measured (`ours`, the
+    recipe's settings): `<prefix>_stock_default_malloc` case, `*_vs_stock_default_malloc`
+    ratio."""
     case = run_case(dict(base, impl="stock", keep_freed_memory=False))
     results["cases"][f"{prefix}_stock_default_malloc"] = case
-    ratio = case[key] / results["cases"][f"{prefix}_fast"][key]
+    ratio = case[key] / ours
     name = prefix.replace("train_", "train_speedup_").replace("infer_", "infer_speedup_")
     results[f"{name}_vs_stock_default_malloc"] = ratio
     log(f"  stock with glibc's malloc defaults: {case[key]:.3f} {key} -> ours {ratio:.2f}x")

@@ -190,7 +190,10 @@ def test_benchmark_quick_run_writes_the_figures(conf, tmp_path):
         assert key in figures, key
     assert figures["parity_ok"] is True and figures["eval_sdr"]["agree"] is True
     assert figures["train_speedup_thesis"] > 0 and figures["rtf_thesis_ours"] > 0
-    assert figures["cases"]["train_preset_fast"]["peak_rss_growth_mb"] >= 0
+    assert figures["cases"]["train_preset_fast_memory"]["peak_rss_growth_mb"] >= 0
+    pair = figures["cases"]["train_thesis_pair"]     # stock and ours took turns
+    assert len(pair["steps_s_stock"]) == len(pair["steps_s_fast"]) >= 2
+    assert figures["train_speedup_thesis"] == pair["step_s_stock"] / pair["step_s_fast"]
 
 
 def test_benchmark_case_runs_in_a_fresh_process(conf, tmp_path):
