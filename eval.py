@@ -29,6 +29,7 @@ from local.data_layouts import DataLayoutError, open_split, split_fingerprint
 from local.metrics import (ORACLE_MASKS, SDR_BACKENDS, oracle_estimates, score_estimates,
                            stft_sizes)
 from model import load_best_model
+from utils.allocator import keep_freed_memory
 from utils.atomic import atomic_path, atomic_write_text
 from utils.audio import write_wav
 from utils.config import Conf, ConfError, parse_stage_args, read_conf
@@ -210,6 +211,7 @@ def evaluate(conf: Conf, data_dir: str | Path, exp_dir: str | Path) -> dict:
     if dataset.n_src != n_src:
         raise ConfError(f"{csv_path} has {dataset.n_src} sources, the model {n_src} (--n_src)")
 
+    keep_freed_memory()   # large activations reused, not page-faulted again (utils/allocator.py)
     model = load_best_model(exp_dir)
     if getattr(model, "sample_rate", sample_rate) != sample_rate:
         raise ConfError(f"model trained at {model.sample_rate} Hz, data at {sample_rate} Hz "

@@ -602,7 +602,8 @@ class _GlobalNormBlockFunction(torch.autograd.Function):
         p = saved1 if is_result1 else F.leaky_relu(saved1, a1)
         native = _native_kernels(x, a1, a2)
         wide = torch.float64 if q.dtype == torch.float32 else q.dtype
-        rows = (item_shares.to(wide) * w_out.to(wide)).sum((1, 2)).to(q.dtype).view(batch, 1, 1)
+        rows = torch.mv(item_shares.view(batch, -1).to(wide), w_out.reshape(-1).to(wide))
+        rows = rows.to(q.dtype).view(batch, 1, 1)
         grad_rstd = rows / rstd2 - mean2 * g_dot_s
         n = frames * hid
         slope = (-rstd2.pow(3) / n) * grad_rstd

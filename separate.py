@@ -38,6 +38,7 @@ from scipy.signal import resample_poly
 from tqdm import tqdm
 
 from model import load_best_model
+from utils.allocator import keep_freed_memory
 from utils.atomic import atomic_path
 from utils.audio import AudioError
 from utils.config import ConfError, apply_overrides, parse_stage_args
@@ -322,6 +323,7 @@ def separate_files(exp_dir: str | Path, files: Sequence[str | Path], out_dir: st
     """
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    keep_freed_memory()   # large activations reused, not page-faulted again (utils/allocator.py)
     model = load_best_model(exp_dir).to(device).eval()
     written: list[Path] = []
     failed: dict[Path, str] = {}

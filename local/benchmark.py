@@ -23,13 +23,15 @@ In one run, on the same inputs and the same weights:
   * with --data_dir: time to fetch one training batch through BSDDataset + DataLoader, against
     a training step;
   * with CUDA: training throughput of ours under bf16 autocast against stock in float32;
-  * for reference (not with --quick), stock once more under glibc's malloc defaults, as
-    asteroid runs out of the box: training steps and inference.
+  * for reference (not with --quick): stock once more under glibc's malloc defaults, as
+    asteroid runs out of the box (training steps and inference); the training pairs with
+    OpenMP threads that spin briefly instead of sleeping (GOMP_SPINCOUNT=10000), and the
+    preset's pair on one thread when it runs more.
 Ratios are stock / ours, so above 1 means ours is faster.  Timings on a machine shared with
 other work are noisy, and this machine's speed drifted by several percent from minute to
 minute: stock and ours alternate, and the figures are medians.  Each case runs in a fresh
 process with OMP_WAIT_POLICY=PASSIVE unless the environment sets it (see below),
-and with train.py's malloc settings (utils/allocator.py), stock and ours alike.
+and with the recipe's malloc settings (utils/allocator.py), stock and ours alike.
 """
 from __future__ import annotations
 
@@ -120,7 +122,7 @@ def _peak_rss_mb() -> float:
 # ----------------------------------------------------------------------------------------------
 def _run_case(case: dict[str, Any]) -> dict[str, Any]:
     torch.set_num_threads(case["threads"])
-    # The process settings train.py uses, for stock and ours alike (unless the case asks for
+    # The recipe's process settings, for stock and ours alike (unless the case asks for
     # glibc's defaults: stock as asteroid runs out of the box).
     if case.get("keep_freed_memory", True):
         keep_freed_memory()
@@ -242,6 +244,11 @@ def run_case_in_subprocess(case: dict[str, Any]) -> dict[str, Any]:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(
         [str(repo_root)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
     env.setdefault("OMP_WAIT_POLICY", OMP_WAIT_POLICY)
+    for key, value in case.get("env", {}).items():     # the case's own settings (None: unset)
+        if value is None:
+            env.pop(key, None)
+        else:
+            env[key] = value
     proc = subprocess.run([sys.executable, "-m", "local.benchmark", "--run_case", json.dumps(case)],
                           cwd=repo_root, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -519,6 +526,7 @@ def run_benchmark(conf: Conf, preset_conf: Conf, *, quick: bool = False,
         if default_malloc:
             _stock_with_default_malloc(results, f"train_{name}", "step_s", ours_s, base,
                                        run_case, log)
+            _reference_pairs(results, name, base, run_case, log)
 
     thesis_kwargs = model_kwargs_of(conf)
     for impl in ("stock", "fast"):
@@ -596,6 +604,28 @@ def _stock_with_default_malloc(results, prefix: str, key: str, ours: float, base
     name = prefix.replace("train_", "train_speedup_").replace("infer_", "infer_speedup_")
     results[f"{name}_vs_stock_default_malloc"] = ratio
     log(f"  stock with glibc's malloc defaults: {case[key]:.3f} {key} -> ours {ratio:.2f}x")
+
+
+# OpenMP threads that spin a little before they sleep: faster than PASSIVE on an idle machine
+# (for asteroid's many small operators above all), several times slower on a busy one (the
+# recipe keeps PASSIVE).
+SHORT_SPIN_ENV = {"OMP_WAIT_POLICY": None, "GOMP_SPINCOUNT": "10000"}
+
+
+def _reference_pairs(results, name: str, base: dict, run_case, log) -> None:
+    """Training pairs under settings other than the recipe's, for reference: OpenMP threads
+    that spin briefly (`train_speedup_<name>_short_spin`) and, for the preset when it runs
+    several threads, one thread (`train_speedup_preset_1_thread`): stock may be faster there."""
+    variants = [("short_spin", dict(base, kind="train_pair", env=SHORT_SPIN_ENV))]
+    if name == "preset" and base["threads"] != 1:
+        variants.append(("1_thread", dict(base, kind="train_pair", threads=1)))
+    for label, case in variants:
+        pair = run_case(case)
+        results["cases"][f"train_{name}_pair_{label}"] = pair
+        ratio = pair["step_s_stock"] / pair["step_s_fast"]
+        results[f"train_speedup_{name}_{label}"] = ratio
+        log(f"  {label.replace('_', ' ')}: stock {pair['step_s_stock']:.3f} s, ours "
+            f"{pair['step_s_fast']:.3f} s -> {ratio:.2f}x")
 
 
 def _gpu_cases(results, kwargs, conf, warmup, steps, seed, run_case, log) -> None:
