@@ -1,4 +1,5 @@
-/* Fused CPU kernels for the gLN blocks of fast_tasnet.py (float32, channels-last (B, T, C)).
+/* Fused CPU kernels for the gLN blocks and the mask head's backward of fast_tasnet.py
+ * (float32, channels-last (B, T, C)).
  *
  * Each kernel does in one pass over a (B, T, C) activation what torch does in several
  * (elementwise op, then separate reductions), which is where the time beyond the GEMMs of a

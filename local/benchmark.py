@@ -495,8 +495,10 @@ def run_benchmark(conf: Conf, preset_conf: Conf, *, quick: bool = False,
     log(f"native TCN kernels: {'yes' if results['native_kernels'] else 'no'}"
         + ("" if results["native_kernels"] else f" ({results['native_kernels_missing_because']})"))
     cases = results["cases"]
-    # Stock also under glibc's malloc defaults (a fresh process is needed to have them).
-    default_malloc = isolate and not quick and results["malloc_keeps_freed_memory"]
+    # Reference measurements under other process settings: each needs a fresh process.
+    references = isolate and not quick
+    # Stock also under glibc's malloc defaults (when the recipe's differ from them).
+    default_malloc = references and results["malloc_keeps_freed_memory"]
 
     for name, c in (("thesis", conf), ("preset", preset_conf)):
         kwargs = model_kwargs_of(c)
@@ -526,6 +528,7 @@ def run_benchmark(conf: Conf, preset_conf: Conf, *, quick: bool = False,
         if default_malloc:
             _stock_with_default_malloc(results, f"train_{name}", "step_s", ours_s, base,
                                        run_case, log)
+        if references:
             _reference_pairs(results, name, base, run_case, log)
 
     thesis_kwargs = model_kwargs_of(conf)
