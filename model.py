@@ -95,20 +95,22 @@ def make_model(conf: Conf) -> BirdConvTasNet:
 FUSED_OPTIMIZERS = ("adam", "adamw", "sgd")
 
 
-def make_recipe_optimizer(params, optimizer: str, lr: float,
-                          weight_decay: float) -> torch.optim.Optimizer:
-    """asteroid's `make_optimizer`, with torch's fused implementation where there is one."""
-    fused = {"fused": True} if optimizer.lower() in FUSED_OPTIMIZERS else {}
+def make_recipe_optimizer(params, optimizer: str, lr: float, weight_decay: float,
+                          fused: bool = True) -> torch.optim.Optimizer:
+    """asteroid's `make_optimizer`, with torch's fused implementation where there is one
+    (unless `fused` is False)."""
+    fused = {"fused": True} if fused and optimizer.lower() in FUSED_OPTIMIZERS else {}
     return make_optimizer(params, optimizer=optimizer, lr=lr, weight_decay=weight_decay, **fused)
 
 
-def make_model_and_optimizer(conf: Conf) -> tuple[BirdConvTasNet, torch.optim.Optimizer]:
+def make_model_and_optimizer(conf: Conf, fused: bool = True
+                             ) -> tuple[BirdConvTasNet, torch.optim.Optimizer]:
     """Model and its optimizer (conf `optim`: optimizer name, lr, weight_decay)."""
     model = make_model(conf)
     optim = conf["optim"]
     try:
         optimizer = make_recipe_optimizer(model.parameters(), optim["optimizer"], optim["lr"],
-                                          optim["weight_decay"])
+                                          optim["weight_decay"], fused=fused)
     except ValueError as err:
         raise ConfError(f"--optimizer {optim['optimizer']!r}: {err}") from None
     return model, optimizer

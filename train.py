@@ -32,7 +32,8 @@ import torch
 from asteroid.engine import System
 from asteroid.losses import PITLossWrapper, pairwise_neg_sisdr
 from asteroid.utils import flatten_dict
-from pytorch_lightning.callbacks import Callback, EarlyStopping, LearningRateMonitor, ModelCheckpoint, Timer
+from pytorch_lightning.callbacks import (Callback, EarlyStopping, LearningRateMonitor, ModelCheckpoint,
+                                         TQDMProgressBar, Timer)
 from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 from pytorch_lightning.utilities import rank_zero_only
 from torch.optim.lr_scheduler import ReduceLROnPlateau
@@ -49,9 +50,13 @@ from utils.stage_marker import clear_done, is_done, mark_done
 # Any other difference means a different experiment and is refused.
 RESUMABLE_KEYS = {"implementation", "epochs", "max_minutes", "early_stop", "patience", "num_workers", "num_threads",
                   "accelerator", "devices", "strategy", "precision", "save_top_k",
-                  "checkpoint_every_n_steps", "max_bad_batches"}
+                  "checkpoint_every_n_steps", "max_bad_batches", "compile"}
 # The conf sections this stage reads (besides common.seed and clips.sample_rate).
 TRAINING_SECTIONS = ("model", "training", "optim")
+# Training steps between two checks of the losses for NaN/inf when the optimizer skips bad
+# steps on the device itself (BirdSystem): one host sync per this many steps, not per step.
+BAD_BATCH_CHECK_EVERY = 50
+PROGRESS_REFRESH_STEPS_GPU = 20
 
 
 class BadBatchWarning(UserWarning):
@@ -60,13 +65,23 @@ class BadBatchWarning(UserWarning):
 
 class BirdSystem(System):
     """asteroid's System with mixture ids in training batches, non-finite losses skipped instead
-    of trained on, the loss in the progress bar, and the validation loss synced across GPUs."""
+    of trained on, the loss in the progress bar, and the validation loss synced across GPUs.
+
+    With a fused optimizer (the recipe's Adam, AdamW, SGD; model.py) a step whose gradients are
+    not finite is skipped on the device: the optimizer reads a `found_inf` flag set from the
+    gradient norm (configure_gradient_clipping), so no step waits for the GPU to hand the loss
+    to the host. The losses are read back every BAD_BATCH_CHECK_EVERY steps and at each epoch
+    end, to report skipped batches and stop after `max_bad_batches` in a row. Other
+    optimizers (and 16-mixed, whose GradScaler owns `found_inf`) check each loss on the host
+    and skip backward and step."""
 
     def __init__(self, *args: Any, max_bad_batches: int, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.max_bad_batches = max_bad_batches
         self.bad_batches_in_a_row = 0
         self.bad_batches_total = 0
+        # (loss on the device, mixture ids, epoch, batch index) of steps not yet checked.
+        self._unchecked: list[tuple[torch.Tensor, list[str], int, int]] = []
 
     @staticmethod
     def config_to_hparams(dic: dict[str, Any]) -> dict[str, Any]:
@@ -75,25 +90,78 @@ class BirdSystem(System):
         return {k: str(v) if v is None or isinstance(v, (list, tuple)) else v
                 for k, v in flatten_dict(dic).items()}
 
+    def _skips_on_device(self) -> bool:
+        # fp16 ("16-mixed") has a GradScaler, which sets `found_inf` itself; bf16 has none.
+        return (bool(self.optimizer.defaults.get("fused"))
+                and not str(self.trainer.precision).startswith("16"))
+
     def training_step(self, batch, batch_idx):
         mixture, sources, mixture_ids = batch
-        loss = self.loss_func(self(mixture), sources)
+        # float32 loss also under bf16 autocast (the decoder's output is bf16 there).
+        loss = self.loss_func(self(mixture).float(), sources)
+        if self._skips_on_device():
+            self._unchecked.append((loss.detach(), list(mixture_ids), self.current_epoch, batch_idx))
+            self.log("loss", loss, prog_bar=True, logger=True)
+            return loss
         # Every process must take the same decision, or DDP's gradient all-reduce would hang.
         bad = self.trainer.strategy.reduce_boolean_decision(not bool(torch.isfinite(loss)), all=False)
+        self._note_batch(not bad, loss.item(), list(mixture_ids), self.current_epoch, batch_idx)
         if bad:
-            self.bad_batches_in_a_row += 1
-            self.bad_batches_total += 1
-            warnings.warn(f"non-finite training loss ({loss.item()}) at epoch {self.current_epoch}, "
-                          f"batch {batch_idx} (mixtures {', '.join(mixture_ids)}): batch skipped",
-                          BadBatchWarning, stacklevel=1)
-            if self.bad_batches_in_a_row >= self.max_bad_batches:
-                raise RuntimeError(f"{self.bad_batches_in_a_row} training batches in a row had a "
-                                   "non-finite loss: the data contain NaN/inf or training diverged "
-                                   "(try a lower --lr); see the warnings above for mixture ids")
             return None  # Lightning skips backward and the optimizer step
-        self.bad_batches_in_a_row = 0
         self.log("loss", loss, prog_bar=True, logger=True)
         return loss
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None,
+                                    gradient_clip_algorithm=None) -> None:
+        if not self._skips_on_device():
+            return super().configure_gradient_clipping(optimizer, gradient_clip_val,
+                                                       gradient_clip_algorithm)
+        grads = [p.grad for p in self.parameters() if p.grad is not None]
+        if gradient_clip_val and str(gradient_clip_algorithm or "norm") == "norm":
+            total_norm = torch.nn.utils.clip_grad_norm_(self.parameters(), gradient_clip_val)
+        else:
+            super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+            total_norm = torch.nn.utils.get_total_norm(grads)
+        # NaN/inf anywhere makes the norm non-finite; the fused step then leaves the weights,
+        # its moments and its step count as they were. (DDP: gradients are all-reduced, so
+        # every process sees the same norm.)
+        getattr(optimizer, "optimizer", optimizer).found_inf = (~torch.isfinite(total_norm)).float()
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        if len(self._unchecked) >= BAD_BATCH_CHECK_EVERY:
+            self._check_losses()
+
+    def on_train_epoch_end(self) -> None:
+        self._check_losses()
+        super().on_train_epoch_end()
+
+    def _check_losses(self) -> None:
+        """Read the unchecked losses back (one sync) and account for the non-finite ones."""
+        if not self._unchecked:
+            return
+        losses = torch.stack([loss for loss, *_ in self._unchecked]).float()
+        # A batch counts as bad on every process when it is bad on one (same decisions).
+        bad = self.trainer.strategy.reduce((~torch.isfinite(losses)).float(), reduce_op="sum")
+        for (loss, ids, epoch, batch_idx), value, is_bad in zip(
+                self._unchecked, losses.tolist(), (bad > 0).tolist()):
+            self._note_batch(not is_bad, value, ids, epoch, batch_idx)
+        self._unchecked.clear()
+
+    def _note_batch(self, finite: bool, loss_value: float, mixture_ids: list[str], epoch: int,
+                    batch_idx: int) -> None:
+        """Count a batch's outcome; warn for a skipped one; stop after too many in a row."""
+        if finite:
+            self.bad_batches_in_a_row = 0
+            return
+        self.bad_batches_in_a_row += 1
+        self.bad_batches_total += 1
+        warnings.warn(f"non-finite training loss ({loss_value}) at epoch {epoch}, "
+                      f"batch {batch_idx} (mixtures {', '.join(mixture_ids)}): batch skipped",
+                      BadBatchWarning, stacklevel=1)
+        if self.bad_batches_in_a_row >= self.max_bad_batches:
+            raise RuntimeError(f"{self.bad_batches_in_a_row} training batches in a row had a "
+                               "non-finite loss: the data contain NaN/inf or training diverged "
+                               "(try a lower --lr); see the warnings above for mixture ids")
 
     def validation_step(self, batch, batch_idx):
         mixture, sources = batch
@@ -156,7 +224,29 @@ def _make_loaders(conf: Conf, data_dir: str | Path) -> tuple[DataLoader, DataLoa
     return train_loader, val_loader
 
 
-def _make_trainer(conf: Conf, exp_dir: Path, n_train_batches: int
+def _trains_on_cuda(accelerator: str) -> bool:
+    return torch.cuda.is_available() and str(accelerator).lower() in ("auto", "gpu", "cuda")
+
+
+def resolve_precision(precision: str, accelerator: str) -> str:
+    """The conf's precision for Lightning: "auto" is bf16-mixed on a CUDA GPU that has bf16 (see
+    local/benchmark_gpu.py), else 32-true (on CPU, bf16 autocast made training steps slower)."""
+    if precision != "auto":
+        return precision
+    cuda_bf16 = _trains_on_cuda(accelerator) and torch.cuda.is_bf16_supported()
+    return "bf16-mixed" if cuda_bf16 else "32-true"
+
+
+def _compile(model: torch.nn.Module, accelerator: str) -> None:
+    """torch.compile the model in place (its state-dict keys stay asteroid's), on CUDA only."""
+    if not _trains_on_cuda(accelerator):
+        warnings.warn("--compile true: ignored, training is not on a CUDA GPU (on CPU the model "
+                      "runs its own C kernels, which torch.compile cannot trace)")
+        return
+    model.compile()
+
+
+def _make_trainer(conf: Conf, exp_dir: Path, n_train_batches: int, precision: str
                   ) -> tuple[pl.Trainer, ModelCheckpoint, EarlyStopping | None]:
     """Lightning Trainer with the recipe's checkpoints, early stopping, time budget and loggers."""
     t, ckpt_dir = conf["training"], (exp_dir / "checkpoints").resolve()
@@ -169,8 +259,11 @@ def _make_trainer(conf: Conf, exp_dir: Path, n_train_batches: int
     step_ckpts = ModelCheckpoint(dirpath=ckpt_dir, save_top_k=0, save_last=True,
                                  every_n_train_steps=t["checkpoint_every_n_steps"],
                                  enable_version_counter=False)
+    # The progress bar reads the loss back from the GPU at each refresh: not every step there.
+    refresh = PROGRESS_REFRESH_STEPS_GPU if _trains_on_cuda(t["accelerator"]) else 1
     callbacks: list[Callback] = [best_ckpts, step_ckpts, SaveLastOnTrainEnd(ckpt_dir / "last.ckpt"),
-                                 LearningRateMonitor(logging_interval="epoch")]
+                                 LearningRateMonitor(logging_interval="epoch"),
+                                 TQDMProgressBar(refresh_rate=refresh)]
     early_stop = None
     if t["early_stop"]:
         early_stop = EarlyStopping(monitor="val_loss", mode="min", patience=t["patience"], verbose=True)
@@ -182,7 +275,7 @@ def _make_trainer(conf: Conf, exp_dir: Path, n_train_batches: int
         max_epochs=t["epochs"],
         max_time=timedelta(minutes=t["max_minutes"]) if t["max_minutes"] > 0 else None,
         accelerator=t["accelerator"], devices=t["devices"], strategy=t["strategy"],
-        precision=t["precision"], gradient_clip_val=conf["optim"]["gradient_clip"],
+        precision=precision, gradient_clip_val=conf["optim"]["gradient_clip"],
         callbacks=callbacks, logger=loggers, default_root_dir=exp_dir,
         log_every_n_steps=max(1, min(50, n_train_batches)),
     )
@@ -261,7 +354,11 @@ def train(conf: Conf, data_dir: str | Path, exp_dir: str | Path) -> Path:
     pl.seed_everything(conf["common"]["seed"], workers=True)
     if torch.cuda.is_available():
         torch.set_float32_matmul_precision("high")  # TF32 on Ampere and later
-    model, optimizer = make_model_and_optimizer(conf)
+    precision = resolve_precision(t["precision"], t["accelerator"])
+    # Lightning refuses to clip the gradients of a fused optimizer under fp16's GradScaler.
+    model, optimizer = make_model_and_optimizer(conf, fused=not precision.startswith("16"))
+    if t["compile"]:
+        _compile(model, t["accelerator"])
     train_loader, val_loader = _make_loaders(conf, data_dir)
     scheduler = ReduceLROnPlateau(optimizer, mode="min", factor=0.5,
                                   patience=conf["optim"]["lr_halve_patience"])
@@ -269,7 +366,7 @@ def train(conf: Conf, data_dir: str | Path, exp_dir: str | Path) -> Path:
                         loss_func=PITLossWrapper(pairwise_neg_sisdr, pit_from="pw_mtx"),
                         train_loader=train_loader, val_loader=val_loader, scheduler=scheduler,
                         config=conf, max_bad_batches=t["max_bad_batches"])
-    trainer, best_ckpts, early_stop = _make_trainer(conf, exp_dir, len(train_loader))
+    trainer, best_ckpts, early_stop = _make_trainer(conf, exp_dir, len(train_loader), precision)
     resume_from = str(last_ckpt) if last_ckpt.is_file() else None
     if resume_from and trainer.is_global_zero:
         print(f"train: resuming from {last_ckpt}")

@@ -22,11 +22,11 @@ In one run, on the same inputs and the same weights:
     --sdr_mixtures; synthetic mixtures without --data_dir): time, and agreement within 0.05 dB;
   * with --data_dir: time to fetch one training batch through BSDDataset + DataLoader, against
     a training step;
-  * with CUDA: training throughput of ours under bf16 autocast against stock in float32;
   * for reference (not with --quick): stock once more under glibc's malloc defaults, as
     asteroid runs out of the box (training steps and inference); the training pairs with
     OpenMP threads that spin briefly instead of sleeping (GOMP_SPINCOUNT=10000), and the
     preset's pair on one thread when it runs more.
+GPU training (throughput, bf16, torch.compile, SI-SNR after equal steps): local/benchmark_gpu.py.
 Ratios are stock / ours, so above 1 means ours is faster.  Timings on a machine shared with
 other work are noisy, and this machine's speed drifted by several percent from minute to
 minute: stock and ours alternate, and the figures are medians.  Each case runs in a fresh
@@ -43,6 +43,7 @@ import statistics
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
@@ -280,7 +281,7 @@ def _forward_backward(model, mixture, sources):
 
 
 def check_parity(kwargs: dict[str, Any], seconds: float = 0.5, batch: int = 2,
-                 seed: int = 0) -> dict[str, Any]:
+                 seed: int = 0, device: str = "cpu") -> dict[str, Any]:
     """Stock weights loaded (strict) into ours; same inputs; PIT SI-SDR loss.
 
     float32 (what training runs): outputs within OUTPUT_TOLERANCE (max error / max value),
@@ -288,12 +289,35 @@ def check_parity(kwargs: dict[str, Any], seconds: float = 0.5, batch: int = 2,
     gradients).  Per-parameter errors are reported but not judged: a PReLU input within
     rounding of 0 takes the other slope in another summation order, which moves a small
     gradient (a PReLU slope's) by up to 1e-2 - asteroid against itself on 1 and 2 threads
-    does that too.  float64: the same math, every gradient within 1e-8."""
+    does that too.  float64: the same math, every gradient within 1e-8.  On a GPU (`device`)
+    with TF32 off; the float64 check then covers the path ours runs there (plain autograd)."""
+    with _strict_float32(device):
+        return _check_parity(kwargs, seconds, batch, seed, torch.device(device))
+
+
+@contextmanager
+def _strict_float32(device: str):
+    """TF32 off on CUDA (its 10-bit mantissa is no float32 reference); nothing on CPU."""
+    if not device.startswith("cuda"):
+        yield
+        return
+    previous = torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32
+    torch.set_float32_matmul_precision("highest")
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(previous[0])
+        torch.backends.cudnn.allow_tf32 = previous[1]
+
+
+def _check_parity(kwargs, seconds, batch, seed, device: torch.device) -> dict[str, Any]:
     torch.manual_seed(seed)
-    stock = build_model(kwargs, "stock")
-    ours = build_model(kwargs, "fast")
+    stock = build_model(kwargs, "stock").to(device)
+    ours = build_model(kwargs, "fast").to(device)
     ours.load_state_dict(stock.state_dict(), strict=True)
     mixture, sources = _batch(kwargs["n_src"], batch, int(seconds * kwargs["sample_rate"]), seed)
+    mixture, sources = mixture.to(device), sources.to(device)
     out_stock, grads_stock = _forward_backward(stock, mixture, sources)
     out_ours, grads_ours = _forward_backward(ours, mixture, sources)
     with torch.inference_mode():
@@ -304,10 +328,10 @@ def check_parity(kwargs: dict[str, Any], seconds: float = 0.5, batch: int = 2,
     grad_error = _relative_error(flat(grads_ours), flat(grads_stock))
     per_param = {n: _relative_error(grads_ours[n], grads_stock[n]) for n in grads_stock}
     worst = max(per_param, key=per_param.get)
-    # float64: exact math check of the fast path (the CPU autograd functions).
+    # float64: exact math check of the fast path (on CPU, its autograd functions).
     stock.double()
     ours.double()
-    ours.impl = "function"
+    ours.impl = "function" if device.type == "cpu" else "autograd"
     out64_stock, grads64_stock = _forward_backward(stock, mixture.double(), sources.double())
     out64_ours, grads64_ours = _forward_backward(ours, mixture.double(), sources.double())
     f64_output_error = _relative_error(out64_ours, out64_stock)
@@ -585,9 +609,6 @@ def run_benchmark(conf: Conf, preset_conf: Conf, *, quick: bool = False,
         log(f"data: {loading['batch_s']:.3f} s per batch = "
             f"{results['data_vs_train_step_ours']:.2f} of a training step (ours, thesis)")
 
-    if torch.cuda.is_available():
-        _gpu_cases(results, thesis_kwargs, conf, warmup, steps, seed, run_case, log)
-
     if json_path is not None:
         from utils.atomic import atomic_write_text
 
@@ -629,21 +650,6 @@ def _reference_pairs(results, name: str, base: dict, run_case, log) -> None:
         results[f"train_speedup_{name}_{label}"] = ratio
         log(f"  {label.replace('_', ' ')}: stock {pair['step_s_stock']:.3f} s, ours "
             f"{pair['step_s_fast']:.3f} s -> {ratio:.2f}x")
-
-
-def _gpu_cases(results, kwargs, conf, warmup, steps, seed, run_case, log) -> None:
-    t = conf["training"]
-    base = dict(kind="train", kwargs=kwargs, batch=t["batch_size"], seconds=t["segment_s"],
-                warmup=warmup + 1, steps=steps, threads=torch.get_num_threads(), seed=seed,
-                lr=conf["optim"]["lr"], device="cuda")
-    stock = run_case(dict(base, impl="stock"))
-    ours = run_case(dict(base, impl="fast", bf16=True))
-    results["cases"].update(gpu_train_thesis_stock_fp32=stock, gpu_train_thesis_ours_bf16=ours)
-    results["gpu_samples_per_s_stock_fp32"] = stock["samples_per_s"]
-    results["gpu_samples_per_s_ours_bf16"] = ours["samples_per_s"]
-    results["gpu_train_speedup"] = ours["samples_per_s"] / stock["samples_per_s"]
-    log(f"GPU training: stock fp32 {stock['samples_per_s']:.1f} samples/s, ours bf16 "
-        f"{ours['samples_per_s']:.1f} samples/s -> {results['gpu_train_speedup']:.2f}x")
 
 
 def _add_arguments(parser: argparse.ArgumentParser) -> None:

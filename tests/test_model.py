@@ -135,3 +135,13 @@ def test_best_model_round_trip(tiny_conf, tmp_path, encoder):
 def test_load_best_model_without_file_says_so(tmp_path):
     with pytest.raises(FileNotFoundError, match="train first"):
         load_best_model(tmp_path)
+
+
+def test_compiled_model_keeps_asteroids_state_dict(tiny_conf):
+    # train.py --compile true compiles in place (Module.compile), so checkpoints and
+    # best_model.pth keep asteroid's keys (torch.compile(model) would prefix "_orig_mod.").
+    model = make_model(tiny_conf)
+    keys = list(model.state_dict())
+    model.compile()
+    assert list(model.state_dict()) == keys
+    ConvTasNet(**model.get_model_args()).load_state_dict(model.state_dict(), strict=True)

@@ -14,7 +14,7 @@ from asteroid.models import ConvTasNet
 
 from conftest import TINY_MODEL
 from model import load_best_model, make_model
-from train import BadBatchWarning, main, train
+from train import BadBatchWarning, main, resolve_precision, train
 from utils.config import ConfError, read_conf, write_conf
 
 SAMPLE_RATE = 8000
@@ -142,10 +142,13 @@ def test_time_budget_stops_cleanly_and_carries_over(tiny_conf, tiny_data, tmp_pa
     assert last_checkpoint(exp_dir)["callbacks"]["Timer"]["time_elapsed"]["train"] > elapsed
 
 
-def test_nan_batch_is_skipped_and_reported(tiny_conf, tmp_path):
+# adam: fused, skips the step on the device (no host sync per step); rmsprop: checked on the host.
+@pytest.mark.parametrize("optimizer", ["adam", "rmsprop"])
+def test_nan_batch_is_skipped_and_reported(tiny_conf, tmp_path, optimizer):
     data_dir = tmp_path / "data"
     write_tiny_bsd(data_dir, nan_mixtures=("tr01",))
     tiny_conf["training"]["batch_size"] = 1
+    tiny_conf["optim"]["optimizer"] = optimizer
     with pytest.warns(BadBatchWarning, match=r"batch \d+ \(mixtures tr01\): batch skipped"):
         train(tiny_conf, data_dir, tmp_path / "exp")
     infos = best_model_infos(tmp_path / "exp")
@@ -170,3 +173,17 @@ def test_cpu_preset_has_the_keys_of_conf_yml(repo_root):
     assert all(cpu[s] == conf[s] for s in ("common", "download", "clips", "mixtures"))
     assert sum(p.numel() for p in make_model(cpu).parameters()) < \
         sum(p.numel() for p in make_model(conf).parameters())
+
+
+def test_precision_auto_is_float32_without_a_gpu():
+    assert resolve_precision("auto", "cpu") == "32-true"
+    assert resolve_precision("bf16-mixed", "cpu") == "bf16-mixed"
+    if not torch.cuda.is_available():
+        assert resolve_precision("auto", "auto") == "32-true"
+
+
+def test_compile_without_a_gpu_is_ignored_with_a_warning(tiny_conf, tiny_data, tmp_path):
+    tiny_conf["training"].update(compile=True, accelerator="cpu")
+    with pytest.warns(UserWarning, match="--compile true: ignored"):
+        train(tiny_conf, tiny_data, tmp_path / "exp")
+    assert (tmp_path / "exp" / "best_model.pth").is_file()
