@@ -105,7 +105,8 @@ class BirdSystem(System):
             return loss
         # Every process must take the same decision, or DDP's gradient all-reduce would hang.
         bad = self.trainer.strategy.reduce_boolean_decision(not bool(torch.isfinite(loss)), all=False)
-        self._note_batch(not bad, loss.item(), list(mixture_ids), self.current_epoch, batch_idx)
+        self._note_batch(not bad, loss.item() if bad else 0.0, list(mixture_ids),
+                         self.current_epoch, batch_idx)
         if bad:
             return None  # Lightning skips backward and the optimizer step
         self.log("loss", loss, prog_bar=True, logger=True)
@@ -116,12 +117,12 @@ class BirdSystem(System):
         if not self._skips_on_device():
             return super().configure_gradient_clipping(optimizer, gradient_clip_val,
                                                        gradient_clip_algorithm)
-        grads = [p.grad for p in self.parameters() if p.grad is not None]
-        if gradient_clip_val and str(gradient_clip_algorithm or "norm") == "norm":
+        if gradient_clip_val and gradient_clip_algorithm in (None, "norm"):
             total_norm = torch.nn.utils.clip_grad_norm_(self.parameters(), gradient_clip_val)
         else:
             super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
-            total_norm = torch.nn.utils.get_total_norm(grads)
+            total_norm = torch.nn.utils.get_total_norm(
+                [p.grad for p in self.parameters() if p.grad is not None])
         # NaN/inf anywhere makes the norm non-finite; the fused step then leaves the weights,
         # its moments and its step count as they were. (DDP: gradients are all-reduced, so
         # every process sees the same norm.)
@@ -165,7 +166,7 @@ class BirdSystem(System):
 
     def validation_step(self, batch, batch_idx):
         mixture, sources = batch
-        loss = self.loss_func(self(mixture), sources)
+        loss = self.loss_func(self(mixture).float(), sources)
         self.log("val_loss", loss, on_epoch=True, prog_bar=True, sync_dist=True)
 
 

@@ -145,9 +145,10 @@ def _run_case(case: dict[str, Any]) -> dict[str, Any]:
     return _infer_case(model, case, samples)
 
 
-def _training_step(model, impl: str, case, samples, device) -> Callable[[], None]:
+def _training_step(model, impl: str, case, samples, device, bf16: bool = False
+                   ) -> Callable[[], None]:
     """One training step (forward, PIT loss, backward, optimizer) of `model` on the case's
-    batch, as a closure."""
+    batch, as a closure; `bf16`: forward under bf16 autocast."""
     from asteroid.losses import PITLossWrapper, pairwise_neg_sisdr
 
     loss_func = PITLossWrapper(pairwise_neg_sisdr, pit_from="pw_mtx")
@@ -159,7 +160,7 @@ def _training_step(model, impl: str, case, samples, device) -> Callable[[], None
         optimizer = make_recipe_optimizer(model.parameters(), "adam", case["lr"], 0.0)
     mixture, sources = _batch(case["kwargs"]["n_src"], case["batch"], samples, case["seed"])
     mixture, sources = mixture.to(device), sources.to(device)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=case.get("bf16", False))
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
     model.train()
 
     def step():
@@ -209,14 +210,17 @@ def _train_case(model, case, samples, device) -> dict[str, Any]:
 
 def _train_pair_case(case) -> dict[str, Any]:
     """Stock and ours (same initial weights) in one process, taking turns step by step: the
-    machine's speed drifts by several percent over minutes, and turns cancel the drift."""
+    machine's speed drifts by several percent over minutes, and turns cancel the drift.
+    With `bf16` in the case, ours under bf16 autocast takes its turn too (`fast_bf16`)."""
     samples = int(round(case["seconds"] * case["kwargs"]["sample_rate"]))
     stock = build_model(case["kwargs"], "stock")
-    ours = build_model(case["kwargs"], "fast")
-    ours.load_state_dict(stock.state_dict(), strict=True)
     device = torch.device("cpu")
-    times = _timed_steps({impl: _training_step(model, impl, case, samples, device)
-                          for impl, model in (("stock", stock), ("fast", ours))}, case)
+    steps = {"stock": _training_step(stock, "stock", case, samples, device)}
+    for name, bf16 in (("fast", False), ("fast_bf16", True))[:2 if case.get("bf16") else 1]:
+        ours = build_model(case["kwargs"], "fast")
+        ours.load_state_dict(stock.state_dict(), strict=True)
+        steps[name] = _training_step(ours, "fast", case, samples, device, bf16=bf16)
+    times = _timed_steps(steps, case)
     return {f"{key}_{impl}": value for impl, steps in times.items()
             for key, value in (("step_s", statistics.median(steps)), ("steps_s", steps))}
 
@@ -228,7 +232,8 @@ def _infer_case(model, case, samples) -> dict[str, Any]:
                      case["seed"])
     rss_before = _peak_rss_mb()
     times = []
-    with torch.inference_mode():
+    bf16 = torch.autocast("cpu", dtype=torch.bfloat16, enabled=case.get("bf16", False))
+    with torch.inference_mode(), bf16:
         model(warm)
         for _ in range(case["reps"]):
             start = time.perf_counter()
@@ -533,7 +538,7 @@ def run_benchmark(conf: Conf, preset_conf: Conf, *, quick: bool = False,
         # Step times: stock and ours taking turns in one process.  Peak memory: each alone in
         # a fresh process (one warm-up and one timed step).
         log(f"training steps, {name}, stock and ours taking turns ...")
-        pair = cases[f"train_{name}_pair"] = run_case(dict(base, kind="train_pair"))
+        pair = cases[f"train_{name}_pair"] = run_case(dict(base, kind="train_pair", bf16=True))
         for impl in ("stock", "fast"):
             log(f"training memory, {name}, {impl} ...")
             cases[f"train_{name}_{impl}_memory"] = run_case(dict(
@@ -549,6 +554,11 @@ def run_benchmark(conf: Conf, preset_conf: Conf, *, quick: bool = False,
         log(f"train {name}: stock {stock_s:.3f} s, ours {ours_s:.3f} s -> "
             f"{results[f'train_speedup_{name}']:.2f}x; peak memory {memory[0]:.0f} vs "
             f"{memory[1]:.0f} MB")
+        # Opt-in (--precision bf16-mixed): the gLN blocks' matrix products in bf16.
+        bf16_s = results[f"train_step_s_{name}_ours_bf16"] = pair["step_s_fast_bf16"]
+        results[f"train_speedup_{name}_bf16"] = stock_s / bf16_s
+        log(f"  ours under bf16 autocast: {bf16_s:.3f} s -> "
+            f"{results[f'train_speedup_{name}_bf16']:.2f}x stock (float32)")
         if default_malloc:
             _stock_with_default_malloc(results, f"train_{name}", "step_s", ours_s, base,
                                        run_case, log)
@@ -566,6 +576,13 @@ def run_benchmark(conf: Conf, preset_conf: Conf, *, quick: bool = False,
     results["infer_speedup_thesis"] = results["rtf_thesis_stock"] / results["rtf_thesis_ours"]
     log(f"inference thesis: RTF stock {results['rtf_thesis_stock']:.3f}, ours "
         f"{results['rtf_thesis_ours']:.3f} -> {results['infer_speedup_thesis']:.2f}x")
+    cases["infer_thesis_fast_bf16"] = run_case(dict(
+        kind="infer", kwargs=thesis_kwargs, impl="fast", seconds=infer_seconds, reps=reps,
+        threads=_threads_of(conf, threads), seed=seed, bf16=True))
+    results["rtf_thesis_ours_bf16"] = cases["infer_thesis_fast_bf16"]["rtf"]
+    results["infer_speedup_thesis_bf16"] = results["rtf_thesis_stock"] / results["rtf_thesis_ours_bf16"]
+    log(f"  ours under bf16 autocast: RTF {results['rtf_thesis_ours_bf16']:.3f} -> "
+        f"{results['infer_speedup_thesis_bf16']:.2f}x stock (float32)")
     if default_malloc:
         _stock_with_default_malloc(results, "infer_thesis", "rtf", results["rtf_thesis_ours"], dict(
             kind="infer", kwargs=thesis_kwargs, seconds=infer_seconds, reps=reps,
