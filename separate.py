@@ -314,12 +314,13 @@ def separate_file(model: torch.nn.Module, path: str | Path, out_dir: str | Path,
 
 def separate_files(exp_dir: str | Path, files: Sequence[str | Path], out_dir: str | Path,
                    chunk_s: float, overlap_s: float, input_rate: bool = False,
-                   device: str | None = None) -> list[Path]:
+                   device: str | None = None, bf16: bool = False) -> list[Path]:
     """Separate every file with the experiment's best model; returns the written wavs.
 
     Inputs that cannot be separated (unreadable, corrupt, NaN, output name clash) are
     reported and skipped; the others are still written. If any failed, raises
     SeparationFailures (holding `written` and `failed`) after all files were tried.
+    With `bf16`, the model runs under bf16 autocast (conf `separation.bf16`).
     """
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -329,6 +330,8 @@ def separate_files(exp_dir: str | Path, files: Sequence[str | Path], out_dir: st
     failed: dict[Path, str] = {}
     stems: dict[str, Path] = {}
     files = [Path(f) for f in files]
+    # Autocast is per thread: it covers every model call below (outputs come back as float32).
+    precision = torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16)
     for path in tqdm(files, desc="files", unit="file", disable=len(files) < 2):
         if path.stem in stems:
             failed[path] = (f"{path}: output names clash with {stems[path.stem]} "
@@ -337,7 +340,9 @@ def separate_files(exp_dir: str | Path, files: Sequence[str | Path], out_dir: st
             continue
         stems[path.stem] = path
         try:
-            written += separate_file(model, path, out_dir, chunk_s, overlap_s, input_rate, device)
+            with precision:
+                written += separate_file(model, path, out_dir, chunk_s, overlap_s, input_rate,
+                                         device)
         except AudioError as err:
             failed[path] = str(err)
             tqdm.write(f"skipped: {err}", file=sys.stderr)
@@ -362,6 +367,8 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
     # never mistaken for input files; their defaults come from the conf's separation section.
     parser.add_argument("--chunk_s", default=None, help="chunk length in seconds")
     parser.add_argument("--overlap_s", default=None, help="overlap of consecutive chunks (s)")
+    parser.add_argument("--bf16", default=None, help="true: bf16 matrix products (faster on "
+                        "GPUs and on CPUs with bf16 instructions)")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -369,7 +376,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if "separation" not in conf:
         sys.exit(f"{args.conf}: no 'separation' section (chunk_s, overlap_s)")
     try:
-        conf = apply_overrides(conf, {key: getattr(args, key) for key in ("chunk_s", "overlap_s")
+        conf = apply_overrides(conf, {key: getattr(args, key)
+                                      for key in ("chunk_s", "overlap_s", "bf16")
                                       if getattr(args, key) is not None})
     except ConfError as err:
         sys.exit(f"separate.py: {err}")
@@ -377,7 +385,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         separate_files(args.exp_dir, args.files, args.out_dir,
                        chunk_s=conf["separation"]["chunk_s"],
                        overlap_s=conf["separation"]["overlap_s"],
-                       input_rate=args.input_rate, device=args.device)
+                       input_rate=args.input_rate, device=args.device,
+                       bf16=conf["separation"]["bf16"])
     except SeparationFailures as err:
         print(f"separate.py: {err}", file=sys.stderr)
         return 1

@@ -191,11 +191,11 @@ def test_benchmark_quick_run_writes_the_figures(conf, tmp_path):
     assert figures["parity_ok"] is True and figures["eval_sdr"]["agree"] is True
     assert figures["train_speedup_thesis"] > 0 and figures["rtf_thesis_ours"] > 0
     assert figures["cases"]["train_preset_fast_memory"]["peak_rss_growth_mb"] >= 0
-    pair = figures["cases"]["train_thesis_pair"]     # stock, ours, ours in bf16 took turns
-    assert len(pair["steps_s_stock"]) == len(pair["steps_s_fast"]) == \
-        len(pair["steps_s_fast_bf16"]) >= 2
+    pair = figures["cases"]["train_thesis_pair"]     # stock and ours took turns
+    assert len(pair["steps_s_stock"]) == len(pair["steps_s_fast"]) >= 2
     assert figures["train_speedup_thesis"] == pair["step_s_stock"] / pair["step_s_fast"]
-    assert figures["train_speedup_thesis_bf16"] == pair["step_s_stock"] / pair["step_s_fast_bf16"]
+    pair16 = figures["cases"]["train_thesis_pair_bf16"]
+    assert figures["train_speedup_thesis_bf16"] == pair16["step_s_stock"] / pair16["step_s_fast"]
     assert figures["rtf_thesis_ours_bf16"] > 0
 
 

@@ -181,3 +181,17 @@ def test_bad_inputs_are_reported_and_the_others_still_separated(tmp_path, repo_r
                        chunk_s=1.0, overlap_s=0.25, device="cpu")
     assert [p.name for p in failure.value.written] == ["good_s1.wav", "good_s2.wav"]
     assert list(failure.value.failed) == [tmp_path / "empty.wav"]
+
+
+def test_bf16_separation_is_close_to_float32(tmp_path, repo_root):
+    exp = save_experiment(tmp_path / "exp", tiny_model(), repo_root)
+    sf.write(tmp_path / "rec.wav", birdlike(2.0, SR), SR, subtype="FLOAT")
+    outputs = {}
+    for flag in ("false", "true"):
+        out_dir = tmp_path / f"bf16_{flag}"
+        assert separate.main(["--conf", str(repo_root / "conf.yml"), "--exp", str(exp),
+                              "--out_dir", str(out_dir), "--device", "cpu", "--bf16", flag,
+                              str(tmp_path / "rec.wav")]) == 0
+        outputs[flag] = np.stack([sf.read(str(out_dir / f"rec_s{k}.wav"))[0] for k in (1, 2)])
+    difference = np.linalg.norm(outputs["true"] - outputs["false"]) / np.linalg.norm(outputs["false"])
+    assert 0 < difference < 3e-2   # bf16 products were used, and changed little
