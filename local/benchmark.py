@@ -12,6 +12,8 @@ In one run, on the same inputs and the same weights:
     --threads overrides both), stock and ours taking turns step by step in one process:
     medians of at least 3 steps each and 5 s in all, after two full-size warm-up steps each;
   * inference real-time factor (seconds of compute per second of audio) on a 60 s mixture;
+  * ours under bf16 autocast (--precision bf16-mixed: bf16 matrix products in the gLN blocks)
+    against stock in float32: a training pair of its own per config, and inference;
   * peak memory: growth of the peak resident set size of a fresh process per model (one
     warm-up and one timed training step; the inference cases);
   * parity: stock weights loaded (strict) into ours, float32 outputs within 1e-4 and
@@ -145,6 +147,16 @@ def _run_case(case: dict[str, Any]) -> dict[str, Any]:
     return _infer_case(model, case, samples)
 
 
+def optimizer_for(impl: str, params, lr: float) -> torch.optim.Optimizer:
+    """Adam as each side trains: torch's default for stock (asteroid's recipes), the recipe's
+    fused one for ours (model.py)."""
+    if impl == "stock":
+        return torch.optim.Adam(params, lr=lr)
+    from model import make_recipe_optimizer
+
+    return make_recipe_optimizer(params, "adam", lr, 0.0)
+
+
 def _training_step(model, impl: str, case, samples, device, bf16: bool = False
                    ) -> Callable[[], None]:
     """One training step (forward, PIT loss, backward, optimizer) of `model` on the case's
@@ -152,12 +164,7 @@ def _training_step(model, impl: str, case, samples, device, bf16: bool = False
     from asteroid.losses import PITLossWrapper, pairwise_neg_sisdr
 
     loss_func = PITLossWrapper(pairwise_neg_sisdr, pit_from="pw_mtx")
-    if impl == "stock":           # asteroid's recipes: torch's default Adam
-        optimizer = torch.optim.Adam(model.parameters(), lr=case["lr"])
-    else:                         # this recipe's (model.py): fused Adam
-        from model import make_recipe_optimizer
-
-        optimizer = make_recipe_optimizer(model.parameters(), "adam", case["lr"], 0.0)
+    optimizer = optimizer_for(impl, model.parameters(), case["lr"])
     mixture, sources = _batch(case["kwargs"]["n_src"], case["batch"], samples, case["seed"])
     mixture, sources = mixture.to(device), sources.to(device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)

@@ -1,10 +1,11 @@
-"""GPU training benchmark: asteroid's ConvTasNet in float32 against the recipe's model.
+"""Training benchmark for GPUs: asteroid's ConvTasNet in float32 against the recipe's model.
 
     python -m local.benchmark_gpu [--data_dir DIR] [--json PATH] [--quality_steps N]
                                   [--variants a,b,...] [--conf conf.yml] [--key value ...]
 
 In one run, on the same batches (the recipe's training DataLoader over --data_dir's BSD-2mix
 train split, fetched once and kept on the device; synthetic chirps without --data_dir):
+  * parity on the device: stock weights in ours, float32 with TF32 off (local.benchmark);
   * training throughput (samples per second; forward, PIT SI-SDR loss, backward, gradient
     clipping, Adam) of each variant at the conf's batch (`batch_size` x `segment_s`):
     stock_fp32 (asteroid's ConvTasNet with torch's defaults and Adam, as asteroid's recipes
@@ -20,8 +21,9 @@ train split, fetched once and kept on the device; synthetic chirps without --dat
   * inference real-time factor on a 60 s mixture, stock float32 against ours (fp32 and bf16);
   * with --data_dir: seconds per batch of the recipe's DataLoader (workers, pinned memory),
     against ours_bf16's training step.
-Results go to --json after every part (a run cut short keeps what it measured). On CPU it runs
-too (the tests use tiny configs), but its figures are then no GPU measurement.
+Results go to --json after every part (a run cut short keeps what it measured). On a CPU it
+runs too: its quality part compares CPU bf16 training with float32 (README, Speed), the tests
+run it with tiny configs.
 """
 from __future__ import annotations
 
@@ -37,7 +39,8 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from local.benchmark import INFERENCE_SECONDS, _batch, build_model, check_parity, model_kwargs_of
+from local.benchmark import (INFERENCE_SECONDS, _batch, build_model, check_parity, model_kwargs_of,
+                             optimizer_for)
 from utils.config import Conf, parse_stage_args
 
 
@@ -98,13 +101,8 @@ def make_train_step(model: torch.nn.Module, variant: Variant, lr: float, clip: f
     (a device tensor: no host sync unless the variant asks for one)."""
     from asteroid.losses import PITLossWrapper, pairwise_neg_sisdr
 
-    from model import make_recipe_optimizer
-
     loss_func = PITLossWrapper(pairwise_neg_sisdr, pit_from="pw_mtx")
-    if variant.impl == "stock":   # asteroid's recipes: torch's default Adam
-        optimizer = torch.optim.Adam(model.parameters(), lr=lr)
-    else:                         # this recipe's (model.py): fused Adam
-        optimizer = make_recipe_optimizer(model.parameters(), "adam", lr, 0.0)
+    optimizer = optimizer_for(variant.impl, model.parameters(), lr)
     if variant.compiled and hasattr(model, "impl"):
         # Plain torch operators (what ours runs on GPUs anyway): the CPU path's autograd
         # functions and C kernels break dynamo's graphs.
