@@ -29,7 +29,8 @@ faster implementation:
 * Under CPU bf16 autocast (Lightning's bf16-mixed) the same path runs with the gLN blocks'
   matrix products in bf16 (operands rounded to bf16, results in float32; nearly all of the
   model's arithmetic) and everything else in float32: 2.2-2.5x faster products on a CPU with
-  AVX512_BF16, about 1.6x faster thesis training steps (slower on CPUs that emulate bf16).
+  AVX512_BF16, about 1.5x faster thesis training steps (CPUs without bf16 instructions emulate
+  them: not measured here, expected slower).
 * Elsewhere (CUDA, other autocast, float64 unless `impl="function"`) the same channels-last
   formulation runs on plain autograd operators, with gLN statistics in float32 or better.
 
