@@ -130,6 +130,9 @@ fi
 
 if [ "$stage" -le 5 ] && [ "$stop_stage" -ge 5 ]; then
   log "Stage 5: sweeps for tables $tables, markdown tables in $exp_root/tables"
+  if [[ " $_po_set " == *" tag "* ]]; then
+    log "Stage 5: --tag $tag is not used here: each table row trains in $exp_root/<tag derived from the row>"
+  fi
   "$python" -m local.sweep "${common[@]}" --data_dir "$data_dir" --exp_root "$exp_root" \
     --tables "$tables" --librimix_dir "$librimix_dir" --wsj0_2mix_dir "$wsj0_2mix_dir" "${overrides[@]}"
 fi
