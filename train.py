@@ -136,6 +136,10 @@ class BirdSystem(System):
         self._check_losses()
         super().on_train_epoch_end()
 
+    def on_train_end(self) -> None:
+        self._check_losses()   # e.g. after a time-budget stop in mid-epoch
+        super().on_train_end()
+
     def _check_losses(self) -> None:
         """Read the unchecked losses back (one sync) and account for the non-finite ones."""
         if not self._unchecked:
