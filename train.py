@@ -70,8 +70,8 @@ class BirdSystem(System):
     With a fused optimizer (the recipe's Adam, AdamW, SGD; model.py) a step whose gradients are
     not finite is skipped on the device: the optimizer reads a `found_inf` flag set from the
     gradient norm (configure_gradient_clipping), so no step waits for the GPU to hand the loss
-    to the host. The losses are read back every BAD_BATCH_CHECK_EVERY steps and at each epoch
-    end, to report skipped batches and stop after `max_bad_batches` in a row. Other
+    to the host. The losses are read back every BAD_BATCH_CHECK_EVERY steps, at each epoch
+    end and when training ends, to report skipped batches and stop after `max_bad_batches` in a row. Other
     optimizers (and 16-mixed, whose GradScaler owns `found_inf`) check each loss on the host
     and skip backward and step."""
 
@@ -91,9 +91,9 @@ class BirdSystem(System):
                 for k, v in flatten_dict(dic).items()}
 
     def _skips_on_device(self) -> bool:
-        # fp16 ("16-mixed") has a GradScaler, which sets `found_inf` itself; bf16 has none.
-        return (bool(self.optimizer.defaults.get("fused"))
-                and not str(self.trainer.precision).startswith("16"))
+        # Under fp16 ("16-mixed", whose GradScaler sets `found_inf` itself) train() builds a
+        # non-fused optimizer.
+        return bool(self.optimizer.defaults.get("fused"))
 
     def training_step(self, batch, batch_idx):
         mixture, sources, mixture_ids = batch

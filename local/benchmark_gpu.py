@@ -112,10 +112,11 @@ def make_train_step(model: torch.nn.Module, variant: Variant, lr: float, clip: f
 
     def step(mixture: torch.Tensor, sources: torch.Tensor) -> torch.Tensor:
         optimizer.zero_grad(set_to_none=True)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=variant.bf16):
-            estimates = forward(mixture)
-        loss = loss_func(estimates.float(), sources)
-        loss.backward()
+        with matmul_precision(variant):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=variant.bf16):
+                estimates = forward(mixture)
+            loss = loss_func(estimates.float(), sources)
+            loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), clip, foreach=True)
         optimizer.step()
         if variant.host_sync:
@@ -149,13 +150,6 @@ def time_variant(kwargs: dict[str, Any], variant: Variant, init_state: dict,
                  windows: int = TIMED_WINDOWS, steps_per_window: int = STEPS_PER_WINDOW,
                  warmup: int = WARMUP_STEPS) -> dict[str, Any]:
     """Training throughput of one variant: median seconds per step over timed windows."""
-    with matmul_precision(variant):
-        return _time_variant(kwargs, variant, init_state, batches, lr, clip, device, windows,
-                             steps_per_window, warmup)
-
-
-def _time_variant(kwargs, variant, init_state, batches, lr, clip, device, windows,
-                  steps_per_window, warmup) -> dict[str, Any]:
     model = _new_model(kwargs, variant, init_state, device)
     step = make_train_step(model, variant, lr, clip, device)
     if device.type == "cuda":
@@ -210,8 +204,7 @@ def train_and_score(kwargs: dict[str, Any], variant: Variant, init_state: dict, 
     model = _new_model(kwargs, variant, init_state, device)
     step = make_train_step(model, variant, lr, clip, device)
     started = time.perf_counter()
-    with matmul_precision(variant):
-        losses = [step(*batches[i % len(batches)]) for i in range(n_steps)]
+    losses = [step(*batches[i % len(batches)]) for i in range(n_steps)]
     last = torch.stack(losses[-min(50, n_steps):]).float().mean()
     result = dict(variant=asdict(variant), steps=n_steps, train_s=time.perf_counter() - started,
                   final_train_loss=float(last))
