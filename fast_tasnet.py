@@ -44,6 +44,7 @@ Speed and parity figures: `python -m local.benchmark`.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import threading
 from typing import Optional
@@ -184,7 +185,7 @@ def fold_norm_into_linear(weight: torch.Tensor, bias: torch.Tensor, gamma: torch
 def _norm_linear_forward(q: torch.Tensor, w: torch.Tensor, b: torch.Tensor, kind: str):
     batch, frames, chans = q.shape
     mean, rstd = _norm_stats(q, kind)
-    z = torch.mm(q.reshape(-1, chans), w.t()).view(batch, frames, -1)
+    z = _linear(q.reshape(-1, chans), w).view(batch, frames, -1)
     shift_rows = rstd * mean
     if kind == "gLN":
         torch.addcmul(b - shift_rows * w.sum(1), z, rstd, out=z)
@@ -217,7 +218,7 @@ def _norm_linear_backward(grads, q: torch.Tensor, w: torch.Tensor, mean: torch.T
     scaled2d = scaled.view(-1, out_chans)
     grad_w = torch.mm(scaled2d.t(), q.reshape(-1, chans))
     grad_w -= torch.mv(scaled2d.t(), mean.expand(batch, frames, 1).reshape(-1)).unsqueeze(1)
-    grad_q = torch.mm(scaled2d, w).view(batch, frames, chans)
+    grad_q = _linear(scaled2d, w.t()).view(batch, frames, chans)
     g_dot_s = _group_sum(g_dot_s, kind)
     # d rstd = sum_o dz (y - mean rowsum(W')) = sum_h q (dz @ W') - mean (dz . rowsum(W'))
     grad_rstd = _rows_dot(q, grad_q, kind) / rstd - mean * g_dot_s
@@ -307,14 +308,73 @@ def _low(t: torch.Tensor, gemm: Optional[torch.dtype]) -> torch.Tensor:
 
 def _mm(a: torch.Tensor, b: torch.Tensor, gemm: Optional[torch.dtype],
         out: Optional[torch.Tensor] = None, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """[bias +] a @ b (into `out` if given), the product in `gemm` precision."""
+    """[bias +] a @ b, the product in `gemm` precision; into `out` where torch computes it
+    (the result is what counts: oneDNN's products come in a new tensor)."""
     if gemm is None:
-        if bias is None:
-            return torch.mm(a, b, out=out)
-        return torch.addmm(bias, a, b, out=out)
+        matrix_bias = bias is not None and bias.dim() == 2
+        return _linear(a, b.t(), bias=None if matrix_bias else bias,
+                       add=bias if matrix_bias else None, out=out)
     product = torch.mm(_low(a, gemm), _low(b, gemm))
     result = product.float() if out is None else out.copy_(product)
     return result if bias is None else result.add_(bias)
+
+
+# Tall float32 products on CPU (rows = batch x frames, 128-1024 columns) go to oneDNN's matmul,
+# the op torch.compile's CPU backend emits for linear layers, instead of MKL's sgemm behind
+# torch.mm.  On this project's 2-core AMD EPYC (Zen 4) oneDNN ran the thesis model's
+# forward and input-gradient products at 190-220 GFLOP/s, MKL at 150-185 (16,000 and 60,000
+# rows); the weight-gradient products (long sums over the rows) were as fast or faster with
+# MKL and stay with torch.mm.  BIRDSEP_ONEDNN=0 turns this off.
+_ONEDNN_MIN_ROWS = 1024
+_ONEDNN_SWITCH = "BIRDSEP_ONEDNN"
+_onednn_state: dict = {}          # "op": torch.ops.mkldnn._linear_pointwise, or None
+
+
+def _onednn_op():
+    if "op" not in _onednn_state:
+        try:
+            op = torch.ops.mkldnn._linear_pointwise if torch.backends.mkldnn.is_available() \
+                else None
+        except (AttributeError, RuntimeError):     # a torch build without the op
+            op = None
+        _onednn_state["op"] = op
+    if os.environ.get(_ONEDNN_SWITCH, "1") == "0":
+        return None
+    return _onednn_state["op"]
+
+
+# Activations oneDNN applies inside its products (and torch's in-place equivalents).
+_FUSED_ACTS = {"relu": torch.relu_, "sigmoid": torch.sigmoid_}
+
+
+def _linear(a: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
+            add: Optional[torch.Tensor] = None, out: Optional[torch.Tensor] = None,
+            activation: Optional[str] = None) -> torch.Tensor:
+    """a @ weight^T [+ bias (per column)] [+ add (a matrix shaped like the result)], then
+    `activation` (one of _FUSED_ACTS, not with `add`) for a 2-D `a`: through oneDNN where it
+    applies (float32 CPU tensors, rows contiguous, at least _ONEDNN_MIN_ROWS of them, no
+    autograd: the op has no backward; a new tensor), else torch's addmm (into `out` if
+    given)."""
+    op = _onednn_op()
+    if (op is not None and not torch.is_grad_enabled()
+            and a.dtype == torch.float32 and a.device.type == "cpu"
+            and a.stride(1) == 1 and a.shape[0] >= _ONEDNN_MIN_ROWS):
+        try:
+            if add is None:
+                return op(a, weight, bias, activation or "none", [], "")
+            assert activation is None, "no activation after an addition"
+            return op.binary(a, add, weight, bias, "add")
+        except RuntimeError as err:   # e.g. a CPU oneDNN has no kernel for: torch from now on
+            _onednn_state["op"] = None
+            logging.getLogger(__name__).warning("oneDNN matmul failed (%s); using torch.mm",
+                                                err)
+    if add is None and bias is None:
+        result = torch.mm(a, weight.t(), out=out)
+    else:
+        result = torch.addmm(add if add is not None else bias, a, weight.t(), out=out)
+        if add is not None and bias is not None:
+            result.add_(bias)
+    return result if activation is None else _FUSED_ACTS[activation](result)
 
 
 def _addmm_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, gemm: Optional[torch.dtype],
@@ -480,13 +540,25 @@ def _gln_depthwise(p: torch.Tensor, taps: torch.Tensor, b_dw: torch.Tensor, offs
     return out
 
 
-def _gln_output_gemms(q, rstd, mean, w_out, b_out, n_res, x, skip, gemm=None):
+def _gln_output_gemms(q, rstd, mean, w_out, b_out, n_res, x, skip, gemm=None, fresh=False):
     """x + residual rows and skip + skip rows of `rstd * (q @ W'^T) + b' - rstd*mean*rowsum(W')`
-    per item, accumulated by the GEMMs themselves.  `skip` (if given) is updated in place."""
+    per item, accumulated by the GEMMs themselves.  `skip` (if given) is updated in place,
+    unless `fresh` (no autograd): then the outputs may be new tensors."""
     batch, frames, _ = q.shape
     out_chans = w_out.shape[0]
     scales = rstd.view(-1).tolist()
     shift = b_out - (rstd * mean).view(batch, 1) * w_out.sum(1)   # (B, O)
+    if fresh and batch == 1 and gemm is None:
+        # One item (separating a recording): its scale goes into the weights, and each output
+        # is one product with the shift as bias and x or skip added, no pass of its own.
+        w_scaled = w_out * scales[0]
+        x_out = skip_out = None
+        if n_res:
+            x_out = _linear(q[0], w_scaled[:n_res], bias=shift[0, :n_res], add=x[0])[None]
+        if out_chans > n_res:
+            skip_out = _linear(q[0], w_scaled[n_res:], bias=shift[0, n_res:],
+                               add=None if skip is None else skip[0])[None]
+        return x_out, skip_out
     q = _low(q, gemm)
     x_out = skip_out = None
     if n_res:
@@ -548,7 +620,7 @@ def _gln_block_forward(x, skip, w_in, b_in, a1, gamma1, beta1, taps, b_dw, a2, w
             tcn_native.offsets_tensor(offsets), a2, v)
         mean2, rstd2 = _stats_from_sums(sums2, count, v)
         x_out, skip_out = _gln_output_gemms(v, rstd2, mean2, w_out, b_out, n_res, x, skip,
-                                            gemm)
+                                            gemm, fresh=buffers is not None)
         return x_out, skip_out, (u, True, v, True, (mean1, rstd1, mean2, rstd2))
     u = _mm(x.view(-1, chans), w_in.t(), gemm, out=u, bias=b_in).view(batch, frames, hid)
     p, saved1, is_result1 = _prelu_forward(u, a1, inplace=True)
@@ -558,7 +630,8 @@ def _gln_block_forward(x, skip, w_in, b_in, a1, gamma1, beta1, taps, b_dw, a2, w
     v = _gln_depthwise(p, taps, b_dw, offsets, scale1, shift1, out=v)
     q, saved2, is_result2 = _prelu_forward(v, a2, inplace=True)
     mean2, rstd2 = _norm_stats(q, "gLN")
-    x_out, skip_out = _gln_output_gemms(q, rstd2, mean2, w_out, b_out, n_res, x, skip, gemm)
+    x_out, skip_out = _gln_output_gemms(q, rstd2, mean2, w_out, b_out, n_res, x, skip, gemm,
+                                        fresh=buffers is not None)
     return x_out, skip_out, (saved1, is_result1, saved2, is_result2,
                              (mean1, rstd1, mean2, rstd2))
 
@@ -636,7 +709,8 @@ class _GlobalNormBlockFunction(torch.autograd.Function):
             torch.mul(g, rstd2, out=scaled[..., rows])
         grad_q = _WORKSPACE.get("grad_hidden_a", q.shape, q)
         low_scaled = _low(scaled, gemm)
-        _mm(low_scaled.view(-1, out_chans), w_out, gemm, out=grad_q.view(-1, hid))
+        grad_q = _mm(low_scaled.view(-1, out_chans), w_out, gemm,
+                     out=grad_q.view(-1, hid)).view(q.shape)
         item_shares = torch.bmm(low_scaled.transpose(1, 2), _low(q, gemm)).to(q.dtype)  # (B, O, H)
         item_sums = torch.cat([g.sum(1) for g, _ in parts], 1)          # (B, O)
         rm2 = (rstd2 * mean2).view(batch, 1)
@@ -1034,6 +1108,10 @@ class FastConvTasNet(ConvTasNet):
         masker = self.masker
         if mode == "stock" or not masker_supported(masker):
             return masker(tf_rep.transpose(1, 2)).permute(0, 3, 1, 2)
+        activation = self._mask_activation()
+        if mode == "function" and not torch.is_grad_enabled() and activation in _FUSED_ACTS:
+            # Separating: the activation runs inside the product (its last pass over the scores).
+            return self._mask_scores(tf_rep, mode, gemm, activation)
         score = self._mask_scores(tf_rep, mode, gemm)
         # asteroid applies output_act to (B, n_src, out_chan, T): give it that view.
         return masker.output_act(score.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
@@ -1047,8 +1125,10 @@ class FastConvTasNet(ConvTasNet):
         return _MASK_ACTIVATIONS.get(type(act))
 
     def _mask_scores(self, tf_rep: torch.Tensor, mode: str,
-                     gemm: Optional[torch.dtype] = None) -> torch.Tensor:
-        """Mask scores before the output activation, (B, T, n_src, out_chan), contiguous."""
+                     gemm: Optional[torch.dtype] = None, activation: Optional[str] = None
+                     ) -> torch.Tensor:
+        """Mask scores before the output activation (or after `activation`, one of
+        _FUSED_ACTS), (B, T, n_src, out_chan), contiguous."""
         masker = self.masker
         if mode == "function" and not torch.is_grad_enabled():
             mask_in = self._mask_input_inference(tf_rep, gemm)
@@ -1057,8 +1137,13 @@ class FastConvTasNet(ConvTasNet):
         else:
             mask_in = self._mask_input_autograd(tf_rep)
         prelu, conv = masker.mask_net
-        score = F.linear(F.prelu(mask_in, prelu.weight), conv.weight.squeeze(-1), conv.bias)
-        batch, n_frames, _ = score.shape
+        batch, n_frames, _ = mask_in.shape
+        hidden = F.prelu(mask_in, prelu.weight)
+        if torch.is_grad_enabled():
+            score = F.linear(hidden, conv.weight.squeeze(-1), conv.bias)
+        else:
+            score = _linear(hidden.reshape(batch * n_frames, -1), conv.weight.squeeze(-1),
+                            conv.bias, activation=activation)
         return score.view(batch, n_frames, masker.n_src, masker.out_chan)
 
     def _bottleneck_weights(self):
@@ -1112,12 +1197,14 @@ class FastConvTasNet(ConvTasNet):
         blocks = self._block_list()
         batch, n_frames, chans = out.shape
         hid = blocks[0]["w_in"].shape[0] if blocks else 0
-        u = out.new_empty(batch * n_frames, hid)
+        # oneDNN's first products come in new tensors: no buffer for them.
+        keep_u = _onednn_op() is None
+        u = out.new_empty(batch * n_frames, hid) if keep_u else None
         v = out.new_empty(batch, n_frames, hid)
         for p in blocks:
             if p["w_in"].shape[0] != hid:
                 hid = p["w_in"].shape[0]
-                u = out.new_empty(batch * n_frames, hid)
+                u = out.new_empty(batch * n_frames, hid) if keep_u else None
                 v = out.new_empty(batch, n_frames, hid)
             if p["kind"] == "gLN":
                 w_out, b_out = fold_norm_into_linear(p["w_out"], p["b_out"], p["gamma2"],
@@ -1129,8 +1216,8 @@ class FastConvTasNet(ConvTasNet):
                 if x_out is not None:
                     out = x_out
                 continue
-            torch.addmm(p["b_in"], out.view(-1, chans), p["w_in"].t(), out=u)
-            u3 = u.view(batch, n_frames, hid)
+            u3 = _linear(out.view(-1, chans), p["w_in"], bias=p["b_in"], out=u).view(
+                batch, n_frames, hid)
             F.leaky_relu_(u3, float(p["slope1"]))
             mean1, rstd1 = _norm_stats(u3, p["kind"])
             scale1 = rstd1 * p["gamma1"]

@@ -9,6 +9,7 @@ import torch
 from asteroid.models import ConvTasNet
 
 from conftest import TINY_MODEL
+import fast_tasnet
 from fast_tasnet import FastConvTasNet, masker_supported
 from local import benchmark
 from model import model_kwargs
@@ -92,8 +93,43 @@ def test_outputs_and_gradients_equal_asteroid_in_float64(conf, variant, impl):
         assert relative(ours(mixture), out_stock) < 1e-10
 
 
-@pytest.mark.parametrize("variant", ["gLN-sigmoid-linear", "cLN-softmax", "pinv-decoder"])
-def test_float32_parity_within_benchmark_tolerances(conf, variant):
+class CountingOneDNN:
+    """Stands in for torch.ops.mkldnn._linear_pointwise: counts the calls and runs the op."""
+
+    def __init__(self, op):
+        self.op, self.calls = op, []
+
+    def __call__(self, *args):
+        self.calls.append(args[3])           # the activation
+        return self.op(*args)
+
+    def binary(self, *args):
+        self.calls.append(args[4])           # "add"
+        return self.op.binary(*args)
+
+
+@pytest.fixture(params=["onednn", "torch"])
+def gemm_library(request, monkeypatch):
+    """Tall float32 products through oneDNN (every product, however few its rows, so that
+    the tiny models take that path) or through torch (BIRDSEP_ONEDNN=0).  Yields the counter
+    of oneDNN calls, or None."""
+    if request.param == "torch":
+        monkeypatch.setenv("BIRDSEP_ONEDNN", "0")
+        yield None
+        return
+    monkeypatch.delenv("BIRDSEP_ONEDNN", raising=False)
+    op = fast_tasnet._onednn_op()
+    if op is None:
+        pytest.skip("this torch build has no oneDNN matmul")
+    counter = CountingOneDNN(op)
+    monkeypatch.setattr(fast_tasnet, "_ONEDNN_MIN_ROWS", 1)
+    monkeypatch.setitem(fast_tasnet._onednn_state, "op", counter)
+    yield counter
+
+
+@pytest.mark.parametrize("variant", ["gLN-sigmoid-linear", "cLN-softmax", "pinv-decoder",
+                                     "relu-encoder-relu-mask"])
+def test_float32_parity_within_benchmark_tolerances(conf, variant, gemm_library):
     stock, ours = perturbed_pair(kwargs_for(conf, **VARIANTS[variant]))
     mixture, weights = torch.randn(3, SAMPLES), torch.randn(3, 2, SAMPLES)
     out_stock, grads_stock = forward_backward(stock, mixture, weights)
@@ -102,6 +138,43 @@ def test_float32_parity_within_benchmark_tolerances(conf, variant):
     assert_same_grads(grads_ours, grads_stock, 1e-3)
     with torch.inference_mode():
         assert relative(ours(mixture), out_stock) < 1e-5
+        # One recording at a time (separate.py): gLN blocks' outputs come from single products.
+        assert relative(ours(mixture[:1]), out_stock[:1]) < 1e-5
+    if gemm_library is not None:
+        assert "add" in gemm_library.calls
+        act = VARIANTS[variant].get("mask_act", "sigmoid")
+        assert (act in gemm_library.calls) == (act in ("sigmoid", "relu"))
+
+
+def test_onednn_products_fall_back_to_torch(monkeypatch, caplog):
+    class Failing:
+        def __call__(self, *args):
+            raise RuntimeError("no kernel for this CPU")
+
+        binary = __call__
+
+    monkeypatch.setattr(fast_tasnet, "_ONEDNN_MIN_ROWS", 1)
+    monkeypatch.setitem(fast_tasnet._onednn_state, "op", Failing())
+    monkeypatch.delenv("BIRDSEP_ONEDNN", raising=False)
+    a, w, b, add = torch.randn(30, 8), torch.randn(5, 8), torch.randn(5), torch.randn(30, 5)
+    with torch.no_grad():
+        result = fast_tasnet._linear(a, w, bias=b, add=add)
+    assert torch.allclose(result, a @ w.t() + b + add, atol=1e-6)
+    assert fast_tasnet._onednn_state["op"] is None and "oneDNN matmul failed" in caplog.text
+    with torch.no_grad():                    # from now on torch, the activation included
+        result = fast_tasnet._linear(a, w, bias=b, activation="sigmoid")
+    assert torch.allclose(result, torch.sigmoid(a @ w.t() + b), atol=1e-6)
+
+
+def test_products_that_need_gradients_stay_with_torch(gemm_library):
+    # The oneDNN op has no backward: with autograd on, torch computes the product.
+    a = torch.randn(40, 8, requires_grad=True)
+    w = torch.randn(6, 8, requires_grad=True)
+    fast_tasnet._linear(a, w).sum().backward()
+    assert torch.allclose(a.grad, w.sum(0).expand(40, 8).detach())
+    assert torch.allclose(w.grad, a.sum(0).expand(6, 8).detach())
+    if gemm_library is not None:
+        assert gemm_library.calls == []
 
 
 def test_shapes_follow_asteroid(conf):
