@@ -559,6 +559,22 @@ def _gln_output_gemms(q, rstd, mean, w_out, b_out, n_res, x, skip, gemm=None, fr
             skip_out = _linear(q[0], w_scaled[n_res:], bias=shift[0, n_res:],
                                add=None if skip is None else skip[0])[None]
         return x_out, skip_out
+    if gemm is None and _onednn_op() is not None and q.is_cpu and batch * frames >= _ONEDNN_MIN_ROWS:
+        # One product for all items and both outputs (256 columns: oneDNN ran it at 215-228
+        # GFLOP/s, against 160 for MKL's per-item accumulating products), then each item's
+        # scale and shift in a pass over the narrow outputs.
+        z = _linear(q.view(-1, q.shape[-1]), w_out).view(batch, frames, out_chans)
+        item_rstd = rstd.view(batch, 1, 1)
+        x_out = skip_out = None
+        if n_res:
+            x_out = torch.addcmul(x, z[..., :n_res], item_rstd).add_(shift[:, None, :n_res])
+        if out_chans > n_res:
+            skip_shift = shift[:, None, n_res:]
+            if skip is None:
+                skip_out = torch.addcmul(skip_shift, z[..., n_res:], item_rstd)
+            else:
+                skip_out = skip.addcmul_(z[..., n_res:], item_rstd).add_(skip_shift)
+        return x_out, skip_out
     q = _low(q, gemm)
     x_out = skip_out = None
     if n_res:
