@@ -1,8 +1,8 @@
 """Benchmark: asteroid's ConvTasNet against fast_tasnet.FastConvTasNet on this machine.
 
     python -m local.benchmark [--json PATH] [--quick] [--data_dir DIR] [--threads N]
-                              [--sdr_mixtures N] [--conf conf.yml] [--preset_conf conf_cpu.yml]
-                              [--key value ...]
+                              [--sdr_mixtures N] [--infer_rounds N] [--conf conf.yml]
+                              [--preset_conf conf_cpu.yml] [--key value ...]
 
 In one run, on the same inputs and the same weights:
   * training step (forward, PIT SI-SDR loss, backward, Adam step: torch's default Adam for
@@ -11,7 +11,8 @@ In one run, on the same inputs and the same weights:
     batch (`batch_size` x `segment_s`) and torch thread count (`num_threads`, 0 = all cores;
     --threads overrides both), stock and ours taking turns step by step in one process:
     medians of at least 3 steps each and 5 s in all, after two full-size warm-up steps each;
-  * inference real-time factor (seconds of compute per second of audio) on a 60 s mixture;
+  * inference real-time factor (seconds of compute per second of audio) on a 60 s mixture,
+    each model in a fresh process, three rounds taking turns, medians;
   * ours under bf16 autocast (--precision bf16-mixed: bf16 matrix products in the gLN blocks)
     against stock in float32: a training pair of its own per config, and inference;
   * peak memory: growth of the peak resident set size of a fresh process per model (one
@@ -74,6 +75,8 @@ OMP_WAIT_POLICY = "PASSIVE"
 # the median of three of them moved by 10 % from run to run).
 MIN_TIMED_S = 5.0
 QUICK_INFERENCE_SECONDS = 10.0
+# Inference: rounds of fresh processes (stock, ours, ours in bf16) taking turns.
+INFERENCE_ROUNDS = 3
 
 
 # ----------------------------------------------------------------------------------------------
@@ -506,13 +509,14 @@ def run_benchmark(conf: Conf, preset_conf: Conf, *, quick: bool = False,
                   threads: Optional[int] = None, data_dir: Optional[str | Path] = None,
                   infer_seconds: Optional[float] = None, parity_seconds: float = 0.5,
                   json_path: Optional[str | Path] = None, preset_source: str = "",
-                  sdr_mixtures: Optional[int] = None,
+                  sdr_mixtures: Optional[int] = None, infer_rounds: Optional[int] = None,
                   isolate: bool = True, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Measure stock vs ours; returns (and with `json_path` writes) the figures.
 
     `isolate`: each case in a fresh process (clean memory figures); False runs them here.
     `sdr_mixtures`: mixtures of the evaluation-scoring comparison (0 = the whole test split;
-    default: all, QUICK_SDR_MIXTURES with `quick`)."""
+    default: all, QUICK_SDR_MIXTURES with `quick`).  `infer_rounds`: default INFERENCE_ROUNDS,
+    1 with `quick`."""
     run_case = run_case_in_subprocess if isolate else run_case_in_process
     seed = conf["common"]["seed"]
     warmup, steps, reps = (1, 2, 1) if quick else (2, 3, 2)
@@ -577,27 +581,40 @@ def run_benchmark(conf: Conf, preset_conf: Conf, *, quick: bool = False,
             _reference_pairs(results, name, base, run_case, log)
 
     thesis_kwargs = model_kwargs_of(conf)
-    for impl in ("stock", "fast"):
-        log(f"inference on {infer_seconds:.0f} s, thesis, {impl} ...")
-        cases[f"infer_thesis_{impl}"] = run_case(dict(
-            kind="infer", kwargs=thesis_kwargs, impl=impl, seconds=infer_seconds, reps=reps,
-            threads=_threads_of(conf, threads), seed=seed))
+    infer_base = dict(kind="infer", kwargs=thesis_kwargs, seconds=infer_seconds, reps=reps,
+                      threads=_threads_of(conf, threads), seed=seed)
+    # Fresh processes taking turns, round after round, and the median of each: one process
+    # each measured asteroid's real-time factor at 0.113 in one run and 0.136 in the next.
+    rounds = infer_rounds or (1 if quick else INFERENCE_ROUNDS)
+    variants = {"stock": dict(impl="stock"), "fast": dict(impl="fast"),
+                "fast_bf16": dict(impl="fast", bf16=True)}
+    runs: dict[str, list] = {name: [] for name in variants}
+    for round_index in range(rounds):
+        for name, variant in variants.items():
+            log(f"inference on {infer_seconds:.0f} s, thesis, {name} "
+                f"(round {round_index + 1} of {rounds}) ...")
+            runs[name].append(run_case(dict(infer_base, **variant)))
+    for name, measured in runs.items():
+        cases[f"infer_thesis_{name}"] = dict(
+            rtf=statistics.median(m["rtf"] for m in measured),
+            rtf_rounds=[m["rtf"] for m in measured],
+            peak_rss_growth_mb=max(m["peak_rss_growth_mb"] for m in measured),
+            seconds=infer_seconds, threads=infer_base["threads"])
     results["rtf_thesis_stock"] = cases["infer_thesis_stock"]["rtf"]
     results["rtf_thesis_ours"] = cases["infer_thesis_fast"]["rtf"]
     results["infer_speedup_thesis"] = results["rtf_thesis_stock"] / results["rtf_thesis_ours"]
     log(f"inference thesis: RTF stock {results['rtf_thesis_stock']:.3f}, ours "
-        f"{results['rtf_thesis_ours']:.3f} -> {results['infer_speedup_thesis']:.2f}x")
-    cases["infer_thesis_fast_bf16"] = run_case(dict(
-        kind="infer", kwargs=thesis_kwargs, impl="fast", seconds=infer_seconds, reps=reps,
-        threads=_threads_of(conf, threads), seed=seed, bf16=True))
+        f"{results['rtf_thesis_ours']:.3f} -> {results['infer_speedup_thesis']:.2f}x"
+        + ("" if rounds == 1 else " (medians of " + ", ".join(
+            f"{name} {' '.join(f'{m:.3f}' for m in cases[f'infer_thesis_{name}']['rtf_rounds'])}"
+            for name in ("stock", "fast")) + ")"))
     results["rtf_thesis_ours_bf16"] = cases["infer_thesis_fast_bf16"]["rtf"]
     results["infer_speedup_thesis_bf16"] = results["rtf_thesis_stock"] / results["rtf_thesis_ours_bf16"]
     log(f"  ours under bf16 autocast: RTF {results['rtf_thesis_ours_bf16']:.3f} -> "
         f"{results['infer_speedup_thesis_bf16']:.2f}x stock (float32)")
     if default_malloc:
-        _stock_with_default_malloc(results, "infer_thesis", "rtf", results["rtf_thesis_ours"], dict(
-            kind="infer", kwargs=thesis_kwargs, seconds=infer_seconds, reps=reps,
-            threads=_threads_of(conf, threads), seed=seed), run_case, log)
+        _stock_with_default_malloc(results, "infer_thesis", "rtf", results["rtf_thesis_ours"],
+                                   infer_base, run_case, log)
 
     log("parity (stock weights in ours) ...")
     results["parity"] = {name: run_case(dict(
@@ -692,6 +709,8 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sdr_mixtures", type=int, default=None,
                         help="mixtures of BSD-2mix test scored by each SDR backend (0 = all "
                              f"411; default: all, {QUICK_SDR_MIXTURES} with --quick)")
+    parser.add_argument("--infer_rounds", type=int, default=None,
+                        help=f"inference rounds (default: {INFERENCE_ROUNDS}, 1 with --quick)")
     parser.add_argument("--in_process", action="store_true",
                         help="run the cases in this process (quicker start; memory figures "
                              "then include earlier cases)")
@@ -711,7 +730,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     results = run_benchmark(conf, preset, quick=args.quick, threads=args.threads,
                             data_dir=args.data_dir, json_path=args.json_path,
                             preset_source=source, isolate=not args.in_process,
-                            sdr_mixtures=args.sdr_mixtures)
+                            sdr_mixtures=args.sdr_mixtures, infer_rounds=args.infer_rounds)
     print(f"summary: training {results['train_speedup_thesis']:.2f}x (thesis), "
           f"{results['train_speedup_preset']:.2f}x (preset); inference RTF "
           f"{results['rtf_thesis_ours']:.3f} vs {results['rtf_thesis_stock']:.3f} "

@@ -255,7 +255,7 @@ def test_benchmark_quick_run_writes_the_figures(conf, tmp_path):
     thesis, preset = tiny_confs(conf, tmp_path)
     out = tmp_path / "bench.json"
     benchmark.main(["--quick", "--in_process", "--conf", str(thesis), "--preset_conf", str(preset),
-                    "--json", str(out)])
+                    "--json", str(out), "--infer_rounds", "2"])
     figures = json.loads(out.read_text())
     for key in ["train_speedup_thesis", "train_speedup_preset", "rtf_thesis_ours",
                 "rtf_thesis_stock", "infer_speedup_thesis", "eval_sdr_speedup", "parity_ok",
@@ -270,6 +270,9 @@ def test_benchmark_quick_run_writes_the_figures(conf, tmp_path):
     pair16 = figures["cases"]["train_thesis_pair_bf16"]
     assert figures["train_speedup_thesis_bf16"] == pair16["step_s_stock"] / pair16["step_s_fast"]
     assert figures["rtf_thesis_ours_bf16"] > 0
+    for name in ("stock", "fast", "fast_bf16"):     # rounds of fresh processes, medians
+        infer = figures["cases"][f"infer_thesis_{name}"]
+        assert len(infer["rtf_rounds"]) == 2 and infer["rtf"] == sum(infer["rtf_rounds"]) / 2
 
 
 def test_benchmark_case_runs_in_a_fresh_process(conf, tmp_path):
