@@ -34,8 +34,8 @@ faster implementation:
   (or, without one, a GEMM and a few torch passes).
 * Under CPU bf16 autocast (Lightning's bf16-mixed) the same path runs with the gLN blocks'
   matrix products in bf16 (operands rounded to bf16, results in float32; nearly all of the
-  model's arithmetic) and everything else in float32: 2.2-2.5x faster products on a CPU with
-  AVX512_BF16, about 1.5x faster thesis training steps (CPUs without bf16 instructions emulate
+  model's arithmetic) and everything else in float32: about 2x faster products on a CPU with
+  AVX512_BF16, about 1.4x faster thesis training steps (CPUs without bf16 instructions emulate
   them: not measured here, expected slower).
 * Elsewhere (CUDA, other autocast, float64 unless `impl="function"`) the same channels-last
   formulation runs on plain autograd operators, with gLN statistics in float32 or better.
@@ -306,7 +306,8 @@ def _prelu_backward_(grad: torch.Tensor, saved: torch.Tensor, slope: float, is_r
 # ----------------------------------------------------------------------------------------------
 # Matrix products in a lower precision (`gemm`: None, or torch.bfloat16 under CPU bf16 autocast):
 # the operands are rounded to it, the products come back in the activations' float32.  bf16
-# products ran 2.2-2.5x faster than float32 here (AVX512_BF16), the roundings cost a pass each.
+# products ran about 2x faster than float32's through oneDNN here (AVX512_BF16; 2.2-2.5x faster
+# than MKL's), the roundings cost a pass each.
 # ----------------------------------------------------------------------------------------------
 def _low(t: torch.Tensor, gemm: Optional[torch.dtype]) -> torch.Tensor:
     return t if gemm is None else t.to(gemm)
@@ -370,7 +371,7 @@ def _linear(a: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] 
                 return op(a, weight, bias, activation or "none", [], "")
             assert activation is None, "no activation after an addition"
             return op.binary(a, add, weight, bias, "add")
-        except RuntimeError as err:   # e.g. a CPU oneDNN has no kernel for: torch from now on
+        except RuntimeError as err:   # e.g. no oneDNN kernel for this CPU: torch from now on
             _onednn_state["op"] = None
             logging.getLogger(__name__).warning("oneDNN matmul failed (%s); using torch.mm",
                                                 err)
@@ -566,7 +567,8 @@ def _gln_output_gemms(q, rstd, mean, w_out, b_out, n_res, x, skip, gemm=None, fr
             skip_out = _linear(q[0], w_scaled[n_res:], bias=shift[0, n_res:],
                                add=None if skip is None else skip[0])[None]
         return x_out, skip_out
-    if gemm is None and _onednn_op() is not None and q.is_cpu and batch * frames >= _ONEDNN_MIN_ROWS:
+    if (gemm is None and _onednn_op() is not None and q.is_cpu
+            and batch * frames >= _ONEDNN_MIN_ROWS):
         # One product for all items and both outputs (256 columns: oneDNN ran it at 215-228
         # GFLOP/s, against 160 for MKL's per-item accumulating products), then each item's
         # scale and shift in a pass over the narrow outputs.

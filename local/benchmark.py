@@ -609,7 +609,8 @@ def run_benchmark(conf: Conf, preset_conf: Conf, *, quick: bool = False,
             f"{name} {' '.join(f'{m:.3f}' for m in cases[f'infer_thesis_{name}']['rtf_rounds'])}"
             for name in ("stock", "fast")) + ")"))
     results["rtf_thesis_ours_bf16"] = cases["infer_thesis_fast_bf16"]["rtf"]
-    results["infer_speedup_thesis_bf16"] = results["rtf_thesis_stock"] / results["rtf_thesis_ours_bf16"]
+    results["infer_speedup_thesis_bf16"] = (results["rtf_thesis_stock"]
+                                            / results["rtf_thesis_ours_bf16"])
     log(f"  ours under bf16 autocast: RTF {results['rtf_thesis_ours_bf16']:.3f} -> "
         f"{results['infer_speedup_thesis_bf16']:.2f}x stock (float32)")
     if default_malloc:
