@@ -12,9 +12,9 @@ faster implementation:
   output bias, and the mean / scale of the norm applied to the (narrower) product.  With gLN
   (statistics per item) the first norm of a block also folds into the depthwise taps, and the
   second one's per-item scale applies to the block's residual and skip outputs.
-* On CPU in float32 the tall products (rows = batch x frames: the forward products and the
-  input gradients) run on oneDNN's matmul, which torch ships (`torch.ops.mkldnn`), rather than
-  MKL's sgemm behind torch.mm: 15-40 % more GFLOP/s on this project's machine; a gLN block's
+* On x86-64 CPUs in float32 the tall products (rows = batch x frames: the forward products and
+  the input gradients) run on oneDNN's matmul, which torch ships (`torch.ops.mkldnn`), rather
+  than MKL's sgemm behind torch.mm: 15-40 % more GFLOP/s on this project's machine; a gLN block's
   residual and skip outputs are then one product over all items, scaled per item after it.
   In separation (one recording) the shifts and sums ride inside the products, and so does a
   sigmoid or ReLU mask activation.  BIRDSEP_ONEDNN=0 keeps torch.mm.
@@ -52,6 +52,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import platform
 import threading
 from typing import Optional
 
@@ -331,19 +332,23 @@ def _mm(a: torch.Tensor, b: torch.Tensor, gemm: Optional[torch.dtype],
 # torch.mm.  On this project's 2-core AMD EPYC (Zen 4) oneDNN ran the thesis model's
 # forward and input-gradient products at 190-220 GFLOP/s, MKL at 150-185 (16,000 and 60,000
 # rows); the weight-gradient products (long sums over the rows) were as fast or faster with
-# MKL and stay with torch.mm.  BIRDSEP_ONEDNN=0 turns this off.
+# MKL and stay with torch.mm.  x86-64 only: elsewhere torch.mm's BLAS (Apple's Accelerate on
+# Apple silicon, for one) was not measured against oneDNN.  BIRDSEP_ONEDNN=0 turns this off.
 _ONEDNN_MIN_ROWS = 1024
+_ONEDNN_MACHINES = ("x86_64", "amd64")
 _ONEDNN_SWITCH = "BIRDSEP_ONEDNN"
 _onednn_state: dict = {}          # "op": torch.ops.mkldnn._linear_pointwise, or None
 
 
 def _onednn_op():
     if "op" not in _onednn_state:
-        try:
-            op = torch.ops.mkldnn._linear_pointwise if torch.backends.mkldnn.is_available() \
-                else None
-        except (AttributeError, RuntimeError):     # a torch build without the op
-            op = None
+        op = None
+        if (platform.machine().lower() in _ONEDNN_MACHINES
+                and torch.backends.mkldnn.is_available()):
+            try:
+                op = torch.ops.mkldnn._linear_pointwise
+            except (AttributeError, RuntimeError):     # a torch build without the op
+                op = None
         _onednn_state["op"] = op
     if os.environ.get(_ONEDNN_SWITCH, "1") == "0":
         return None

@@ -166,6 +166,22 @@ def test_onednn_products_fall_back_to_torch(monkeypatch, caplog):
     assert torch.allclose(result, torch.sigmoid(a @ w.t() + b), atol=1e-6)
 
 
+@pytest.mark.parametrize("machine, expected", [("x86_64", True), ("AMD64", True),
+                                                ("arm64", False), ("aarch64", False)])
+def test_onednn_products_only_on_x86(monkeypatch, machine, expected):
+    if expected and not torch.backends.mkldnn.is_available():
+        pytest.skip("this torch build has no oneDNN")
+    monkeypatch.delenv("BIRDSEP_ONEDNN", raising=False)
+    monkeypatch.setattr(fast_tasnet.platform, "machine", lambda: machine)
+    decided = dict(fast_tasnet._onednn_state)
+    fast_tasnet._onednn_state.clear()              # decide again on this "machine"
+    try:
+        assert (fast_tasnet._onednn_op() is not None) == expected
+    finally:
+        fast_tasnet._onednn_state.clear()
+        fast_tasnet._onednn_state.update(decided)
+
+
 def test_products_that_need_gradients_stay_with_torch(gemm_library):
     # The oneDNN op has no backward: with autograd on, torch computes the product.
     a = torch.randn(40, 8, requires_grad=True)
