@@ -14,10 +14,10 @@ faster implementation:
   second one's per-item scale applies to the block's residual and skip outputs.
 * On x86-64 CPUs in float32 the tall products (rows = batch x frames: the forward products and
   the input gradients) run on oneDNN's matmul, which torch ships (`torch.ops.mkldnn`), rather
-  than MKL's sgemm behind torch.mm: 15-40 % more GFLOP/s on this project's machine; a gLN block's
+  than MKL's sgemm behind torch.mm: 13-30 % more GFLOP/s on this project's machine; a gLN block's
   residual and skip outputs are then one product over all items, scaled per item after it.
-  In separation (one recording) the shifts and sums ride inside the products, and so does a
-  sigmoid or ReLU mask activation.  BIRDSEP_ONEDNN=0 keeps torch.mm.
+  In separation a sigmoid or ReLU mask activation runs inside its product.  BIRDSEP_ONEDNN=0
+  keeps torch.mm.
 * The depthwise dilated convolution is the sum of its taps, `y[t] = b + sum_k w_k x[t + o_k]`,
   computed as multiply-adds on shifted slices (asteroid's depthwise conv backward is slow).
 * On CPU in float32 each TCN block is one `torch.autograd.Function` with a hand-written
@@ -552,26 +552,13 @@ def _gln_depthwise(p: torch.Tensor, taps: torch.Tensor, b_dw: torch.Tensor, offs
     return out
 
 
-def _gln_output_gemms(q, rstd, mean, w_out, b_out, n_res, x, skip, gemm=None, fresh=False):
+def _gln_output_gemms(q, rstd, mean, w_out, b_out, n_res, x, skip, gemm=None):
     """x + residual rows and skip + skip rows of `rstd * (q @ W'^T) + b' - rstd*mean*rowsum(W')`
     per item: with oneDNN one product then a scaled sum, with torch's products per-item GEMMs
-    that accumulate (MKL was faster so).  `skip` (if given) is updated in place, unless `fresh`
-    (no autograd): then the outputs may be new tensors."""
+    that accumulate (MKL was faster so).  `skip` (if given) is updated in place."""
     batch, frames, _ = q.shape
     out_chans = w_out.shape[0]
-    scales = rstd.view(-1).tolist()
     shift = b_out - (rstd * mean).view(batch, 1) * w_out.sum(1)   # (B, O)
-    if fresh and batch == 1 and gemm is None:
-        # One item (separating a recording): its scale goes into the weights, and each output
-        # is one product with the shift as bias and x or skip added, no pass of its own.
-        w_scaled = w_out * scales[0]
-        x_out = skip_out = None
-        if n_res:
-            x_out = _linear(q[0], w_scaled[:n_res], bias=shift[0, :n_res], add=x[0])[None]
-        if out_chans > n_res:
-            skip_out = _linear(q[0], w_scaled[n_res:], bias=shift[0, n_res:],
-                               add=None if skip is None else skip[0])[None]
-        return x_out, skip_out
     if (gemm is None and _onednn_op() is not None and q.is_cpu
             and batch * frames >= _ONEDNN_MIN_ROWS):
         # One product for all items and both outputs (256 columns: oneDNN ran it at 215-228
@@ -589,6 +576,7 @@ def _gln_output_gemms(q, rstd, mean, w_out, b_out, n_res, x, skip, gemm=None, fr
             else:
                 skip_out = skip.addcmul_(z[..., n_res:], item_rstd).add_(skip_shift)
         return x_out, skip_out
+    scales = rstd.view(-1).tolist()
     q = _low(q, gemm)
     x_out = skip_out = None
     if n_res:
@@ -650,7 +638,7 @@ def _gln_block_forward(x, skip, w_in, b_in, a1, gamma1, beta1, taps, b_dw, a2, w
             tcn_native.offsets_tensor(offsets), a2, v)
         mean2, rstd2 = _stats_from_sums(sums2, count, v)
         x_out, skip_out = _gln_output_gemms(v, rstd2, mean2, w_out, b_out, n_res, x, skip,
-                                            gemm, fresh=buffers is not None)
+                                            gemm)
         return x_out, skip_out, (u, True, v, True, (mean1, rstd1, mean2, rstd2))
     u = _mm(x.view(-1, chans), w_in.t(), gemm, out=u, bias=b_in).view(batch, frames, hid)
     p, saved1, is_result1 = _prelu_forward(u, a1, inplace=True)
@@ -660,8 +648,7 @@ def _gln_block_forward(x, skip, w_in, b_in, a1, gamma1, beta1, taps, b_dw, a2, w
     v = _gln_depthwise(p, taps, b_dw, offsets, scale1, shift1, out=v)
     q, saved2, is_result2 = _prelu_forward(v, a2, inplace=True)
     mean2, rstd2 = _norm_stats(q, "gLN")
-    x_out, skip_out = _gln_output_gemms(q, rstd2, mean2, w_out, b_out, n_res, x, skip, gemm,
-                                        fresh=buffers is not None)
+    x_out, skip_out = _gln_output_gemms(q, rstd2, mean2, w_out, b_out, n_res, x, skip, gemm)
     return x_out, skip_out, (saved1, is_result1, saved2, is_result2,
                              (mean1, rstd1, mean2, rstd2))
 
