@@ -603,11 +603,12 @@ def run_benchmark(conf: Conf, preset_conf: Conf, *, quick: bool = False,
     results["rtf_thesis_stock"] = cases["infer_thesis_stock"]["rtf"]
     results["rtf_thesis_ours"] = cases["infer_thesis_fast"]["rtf"]
     results["infer_speedup_thesis"] = results["rtf_thesis_stock"] / results["rtf_thesis_ours"]
+    per_round = ", ".join(
+        name + " " + " ".join(f"{rtf:.3f}" for rtf in cases[f"infer_thesis_{name}"]["rtf_rounds"])
+        for name in ("stock", "fast"))
     log(f"inference thesis: RTF stock {results['rtf_thesis_stock']:.3f}, ours "
         f"{results['rtf_thesis_ours']:.3f} -> {results['infer_speedup_thesis']:.2f}x"
-        + ("" if rounds == 1 else " (medians of " + ", ".join(
-            f"{name} {' '.join(f'{m:.3f}' for m in cases[f'infer_thesis_{name}']['rtf_rounds'])}"
-            for name in ("stock", "fast")) + ")"))
+        + ("" if rounds == 1 else f" (medians of {per_round})"))
     results["rtf_thesis_ours_bf16"] = cases["infer_thesis_fast_bf16"]["rtf"]
     results["infer_speedup_thesis_bf16"] = (results["rtf_thesis_stock"]
                                             / results["rtf_thesis_ours_bf16"])
