@@ -355,6 +355,17 @@ def _onednn_op():
     return _onednn_state["op"]
 
 
+def _onednn_for(a: torch.Tensor):
+    """The oneDNN op when `_linear(a, ...)` would use it (float32 CPU rows, contiguous, at
+    least _ONEDNN_MIN_ROWS of them, no autograd), else None."""
+    op = _onednn_op()
+    if (op is not None and not torch.is_grad_enabled() and a.dtype == torch.float32
+            and a.device.type == "cpu" and a.stride(1) == 1
+            and a.shape[0] >= _ONEDNN_MIN_ROWS):
+        return op
+    return None
+
+
 # Activations oneDNN applies inside its products (and torch's in-place equivalents).
 _FUSED_ACTS = {"relu": torch.relu_, "sigmoid": torch.sigmoid_}
 
@@ -363,14 +374,11 @@ def _linear(a: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] 
             add: Optional[torch.Tensor] = None, out: Optional[torch.Tensor] = None,
             activation: Optional[str] = None) -> torch.Tensor:
     """a @ weight^T [+ bias (per column)] [+ add (a matrix shaped like the result)], then
-    `activation` (one of _FUSED_ACTS, not with `add`) for a 2-D `a`: through oneDNN where it
-    applies (float32 CPU tensors, rows contiguous, at least _ONEDNN_MIN_ROWS of them, no
-    autograd: the op has no backward; a new tensor), else torch's addmm (into `out` if
-    given)."""
-    op = _onednn_op()
-    if (op is not None and not torch.is_grad_enabled()
-            and a.dtype == torch.float32 and a.device.type == "cpu"
-            and a.stride(1) == 1 and a.shape[0] >= _ONEDNN_MIN_ROWS):
+    `activation` (one of _FUSED_ACTS, not with `add`) for a 2-D `a`: through oneDNN where
+    `_onednn_for(a)` says so (a new tensor; the op has no backward), else torch's addmm (into
+    `out` if given)."""
+    op = _onednn_for(a)
+    if op is not None:
         try:
             if add is None:
                 return op(a, weight, bias, activation or "none", [], "")
@@ -559,12 +567,12 @@ def _gln_output_gemms(q, rstd, mean, w_out, b_out, n_res, x, skip, gemm=None):
     batch, frames, _ = q.shape
     out_chans = w_out.shape[0]
     shift = b_out - (rstd * mean).view(batch, 1) * w_out.sum(1)   # (B, O)
-    if (gemm is None and _onednn_op() is not None and q.is_cpu
-            and batch * frames >= _ONEDNN_MIN_ROWS):
+    rows = q.view(-1, q.shape[-1])
+    if gemm is None and _onednn_for(rows) is not None:
         # One product for all items and both outputs (256 columns: oneDNN ran it at 215-228
         # GFLOP/s, against 160 for MKL's per-item accumulating products), then each item's
         # scale and shift in a pass over the narrow outputs.
-        z = _linear(q.view(-1, q.shape[-1]), w_out).view(batch, frames, out_chans)
+        z = _linear(rows, w_out).view(batch, frames, out_chans)
         item_rstd = rstd.view(batch, 1, 1)
         x_out = skip_out = None
         if n_res:
