@@ -975,6 +975,24 @@ def _depthwise_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     return y[..., : x.shape[1]].transpose(1, 2)
 
 
+def _depthwise_shifted(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, offsets):
+    """The same convolution as `_depthwise_reference`, as a sum of shifted, scaled copies of x:
+    elementwise operators only, which torch.compile can fuse with the PReLU and norm around
+    them (F.conv1d stays a separate cuDNN call forward and backward)."""
+    frames = x.shape[1]
+    total = bias.to(x.dtype)
+    for k, offset in enumerate(offsets):
+        sl = _tap_slices(offset, frames)
+        if sl is None:
+            continue
+        shifted = F.pad(x[:, sl[1]], (0, 0, sl[0].start, frames - sl[0].stop))
+        total = total + shifted * weight[:, k].to(x.dtype)
+    return total
+
+
+DEPTHWISE_FORMS = {"conv": _depthwise_reference, "shifted": _depthwise_shifted}
+
+
 # ----------------------------------------------------------------------------------------------
 # The model.
 # ----------------------------------------------------------------------------------------------
@@ -983,6 +1001,8 @@ class FastConvTasNet(ConvTasNet):
 
     `impl` (attribute, not saved): "auto" (default: autograd functions on CPU float32, plain
     channels-last autograd elsewhere), "function", "autograd", or "stock" (asteroid's forward).
+    `depthwise` (attribute, not saved): how the "autograd" path runs the depthwise convolution,
+    one of DEPTHWISE_FORMS: "conv" (default, F.conv1d) or "shifted" (sums of shifted copies).
     Extra keyword `who_is_pinv` ("dec"/"enc") is passed to asteroid's `make_enc_dec` and, unlike
     asteroid, kept in `get_model_args()` so a pseudo-inverse decoder survives serialisation.
     """
@@ -991,6 +1011,7 @@ class FastConvTasNet(ConvTasNet):
         super().__init__(n_src, *args, **kwargs)
         self.who_is_pinv = kwargs.get("who_is_pinv")
         self.impl = "auto"
+        self.depthwise = "conv"
 
     # --- serialisation -----------------------------------------------------------------------
     def get_model_args(self):
@@ -1259,13 +1280,17 @@ class FastConvTasNet(ConvTasNet):
         """Device-generic channels-last path on plain autograd ops (CUDA, autocast)."""
         norm, conv = self.masker.bottleneck
         kind = _norm_kind(norm)
+        if self.depthwise not in DEPTHWISE_FORMS:
+            raise ValueError(f"depthwise must be one of {tuple(DEPTHWISE_FORMS)}, "
+                             f"got {self.depthwise!r}")
+        depthwise = DEPTHWISE_FORMS[self.depthwise]
         out = F.linear(_norm_reference(tf_rep, kind, norm.gamma, norm.beta),
                        conv.weight.squeeze(-1), conv.bias)
         skip = None
         for p in self._block_list():
             h = F.prelu(F.linear(out, p["w_in"], p["b_in"]), p["slope1"])
             h = _norm_reference(h, kind, p["gamma1"], p["beta1"])
-            h = F.prelu(_depthwise_reference(h, p["w_dw"], p["b_dw"], p["offsets"]), p["slope2"])
+            h = F.prelu(depthwise(h, p["w_dw"], p["b_dw"], p["offsets"]), p["slope2"])
             h = _norm_reference(h, kind, p["gamma2"], p["beta2"])
             z = F.linear(h, p["w_out"], p["b_out"])
             out, skip = self._accumulate(out, skip, z, p["n_res"])

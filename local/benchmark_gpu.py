@@ -11,7 +11,10 @@ train split, fetched once and kept on the device; synthetic chirps without --dat
     stock_fp32 (asteroid's ConvTasNet with torch's defaults and Adam, as asteroid's recipes
     run it: the reference), stock_bf16, ours_fp32, ours_bf16 (bf16 autocast), ours_bf16_sync
     (ours_bf16 reading the loss on the host every step, as a training loop with a host
-    check would), ours_bf16_compiled and ours_fp32_compiled (torch.compile);
+    check would), ours_bf16_compiled and ours_fp32_compiled (torch.compile),
+    ours_bf16_compiled_shifted (the depthwise convolution as sums of shifted copies, which
+    the compiler fuses with the elementwise work around it, instead of cuDNN's kernels) and
+    ours_bf16_compiled_graphs (that, compiled with CUDA graphs: mode "reduce-overhead");
     device-event timing, medians of windows of steps, after warm-up (the compiled variants'
     first-step time, i.e. compilation, is reported apart);
   * quality: each of `--quality_variants` trained for the same number of steps from the same
@@ -50,6 +53,8 @@ class Variant:
     bf16: bool = False        # bf16 autocast for the forward pass
     compiled: bool = False    # torch.compile of the model
     host_sync: bool = False   # read the loss on the host every step
+    depthwise: str = "conv"   # ours' depthwise convolution: fast_tasnet.DEPTHWISE_FORMS
+    compile_mode: Optional[str] = None   # torch.compile's mode
 
 
 VARIANTS = {
@@ -59,8 +64,10 @@ VARIANTS = {
     "ours_bf16": Variant("fast", bf16=True),
     "ours_bf16_sync": Variant("fast", bf16=True, host_sync=True),
     "ours_bf16_compiled": Variant("fast", bf16=True, compiled=True),
-
     "ours_fp32_compiled": Variant("fast", compiled=True),
+    "ours_bf16_compiled_shifted": Variant("fast", bf16=True, compiled=True, depthwise="shifted"),
+    "ours_bf16_compiled_graphs": Variant("fast", bf16=True, compiled=True, depthwise="shifted",
+                                         compile_mode="reduce-overhead"),
 }
 REFERENCE = "stock_fp32"
 DEFAULT_QUALITY_VARIANTS = ("stock_fp32", "stock_fp32_seed2", "ours_bf16", "ours_bf16_compiled")
@@ -103,14 +110,20 @@ def make_train_step(model: torch.nn.Module, variant: Variant, lr: float, clip: f
 
     loss_func = PITLossWrapper(pairwise_neg_sisdr, pit_from="pw_mtx")
     optimizer = optimizer_for(variant.impl, model.parameters(), lr)
-    if variant.compiled and hasattr(model, "impl"):
-        # Plain torch operators (what ours runs on GPUs anyway): the CPU path's autograd
-        # functions and C kernels break dynamo's graphs.
-        model.impl = "autograd"
-    forward = torch.compile(model) if variant.compiled else model
+    if hasattr(model, "impl"):
+        model.depthwise = variant.depthwise
+        if variant.compiled:
+            # Plain torch operators (what ours runs on GPUs anyway): the CPU path's autograd
+            # functions and C kernels break dynamo's graphs.
+            model.impl = "autograd"
+    forward = torch.compile(model, mode=variant.compile_mode) if variant.compiled else model
+    # CUDA graphs replay into the same output buffers: each step must say it is a new one.
+    new_graph_step = (torch.compiler.cudagraph_mark_step_begin
+                      if variant.compile_mode == "reduce-overhead" else lambda: None)
     model.train()
 
     def step(mixture: torch.Tensor, sources: torch.Tensor) -> torch.Tensor:
+        new_graph_step()
         optimizer.zero_grad(set_to_none=True)
         with matmul_precision(variant):
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=variant.bf16):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 
 import pytest
 
@@ -51,3 +52,17 @@ def test_gpu_benchmark_refuses_unknown_variants(tiny_conf):
     with pytest.raises(ValueError, match="unknown variants.*ours_fp64"):
         run_gpu_benchmark(tiny_conf, variants=("ours_fp64",), quality_variants=(),
                           log=lambda _: None)
+
+
+@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
+                    reason="torch.compile's CPU backend needs a C++ compiler")
+def test_compiled_variant_with_shifted_depthwise_and_cuda_graphs_trains(tiny_conf):
+    # On CPU, mode "reduce-overhead" compiles without CUDA graphs; the variant's training
+    # loop (a new graph step per training step) and the shifted depthwise form run compiled.
+    results = run_gpu_benchmark(
+        tiny_conf, variants=(), quality_variants=("stock_fp32", "ours_bf16_compiled_graphs"),
+        quality_steps=6, infer_seconds=0, timing=(1, 1, 1), log=lambda _: None)
+    assert not results["failed"]
+    compiled = results["quality"]["ours_bf16_compiled_graphs"]
+    assert compiled["variant"]["depthwise"] == "shifted"
+    assert compiled["steps"] == 6 and abs(compiled["si_snr_minus_reference_db"]) < 0.5

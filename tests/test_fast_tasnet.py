@@ -76,13 +76,15 @@ def assert_same_grads(ours, stock, tol):
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
-@pytest.mark.parametrize("impl", ["function", "autograd"])
+@pytest.mark.parametrize("impl", ["function", "autograd", "autograd-shifted"])
 def test_outputs_and_gradients_equal_asteroid_in_float64(conf, variant, impl):
-    """Exact math (float64): the CPU autograd functions and the device-generic path."""
+    """Exact math (float64): the CPU autograd functions and the device-generic path (its
+    depthwise convolution by F.conv1d or as shifted copies)."""
     stock, ours = perturbed_pair(kwargs_for(conf, **VARIANTS[variant]))
     stock.double()
     ours.double()
-    ours.impl = impl
+    ours.impl, _, form = impl.partition("-")
+    ours.depthwise = form or "conv"
     mixture = torch.randn(2, SAMPLES, dtype=torch.float64)
     weights = torch.randn(2, stock.masker.n_src, SAMPLES, dtype=torch.float64)
     out_stock, grads_stock = forward_backward(stock, mixture, weights)
