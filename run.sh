@@ -61,6 +61,13 @@ for ((i = 1; i <= $#; i++)); do
   esac
 done
 [ -f "$conf_for_keys" ] || { echo "$0: configuration file not found: $conf_for_keys" >&2; exit 1; }
+# A preset ("base: FILE" at its top) has the keys of its base.
+conf_base=$(awk '/^base:/ { sub(/^base:[ \t]*/, ""); sub(/[ \t]+#.*/, ""); gsub(/["\047]/, ""); print }' "$conf_for_keys")
+if [ -n "$conf_base" ]; then
+  preset_file=$conf_for_keys
+  conf_for_keys="$(dirname "$preset_file")/$conf_base"
+  [ -f "$conf_for_keys" ] || { echo "$0: configuration file not found: $conf_for_keys (the base of $preset_file)" >&2; exit 1; }
+fi
 conf_keys=$(awk '/^  [A-Za-z_][A-Za-z0-9_]*:/ { sub(/^ +/, ""); sub(/:.*/, ""); print }' "$conf_for_keys")
 for key in $conf_keys; do
   printf -v "$key" '%s' ""

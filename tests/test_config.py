@@ -2,7 +2,7 @@ import subprocess
 
 import pytest
 
-from utils.config import ConfError, apply_overrides, read_conf, split_overrides
+from utils.config import ConfError, apply_overrides, read_conf, split_overrides, write_conf
 
 
 def test_conf_keys_unique_and_overridable(repo_root):
@@ -39,3 +39,40 @@ def test_run_sh_help_and_unknown_option(repo_root):
     out = subprocess.run(["./run.sh", "--no_such_option", "1"], cwd=repo_root,
                          capture_output=True, text=True)
     assert out.returncode != 0 and "unknown option --no_such_option" in out.stderr
+
+
+def test_preset_is_its_base_with_the_values_it_sets(repo_root, tmp_path):
+    base, preset = read_conf(repo_root / "conf.yml"), read_conf(repo_root / "conf_cpu.yml")
+    # Same sections and keys in the same order (run.sh derives tags in that order).
+    assert [(s, list(v)) for s, v in preset.items()] == [(s, list(v)) for s, v in base.items()]
+    assert preset["model"]["hid_chan"] < base["model"]["hid_chan"]
+    assert preset["optim"] == base["optim"]          # not set by the preset: the base's
+    # A resolved preset is a complete conf (what train.py saves in the experiment).
+    write_conf(preset, tmp_path / "saved.yml")
+    assert read_conf(tmp_path / "saved.yml") == preset
+
+
+@pytest.mark.parametrize("text, message", [
+    ("base: conf.yml\nmodel:\n  hid_chans: 64\n", "key 'hid_chans' is not in section 'model'"),
+    ("base: conf.yml\nmodels:\n  hid_chan: 64\n", "section 'models' is not in its base"),
+    ("base: conf.yml\ntraining:\n  lr: 0.1\n", "key 'lr' is not in section 'training'"),
+    ("base: missing.yml\nmodel:\n  hid_chan: 64\n", "configuration file not found"),
+    ("base: [conf.yml]\n", "'base' must name a conf file"),
+    ("base: preset.yml\n", "names a base of its own"),
+])
+def test_bad_presets_are_errors(repo_root, tmp_path, text, message):
+    (tmp_path / "conf.yml").write_text((repo_root / "conf.yml").read_text())
+    (tmp_path / "preset.yml").write_text("base: conf.yml\nmodel:\n  hid_chan: 64\n")
+    (tmp_path / "bad.yml").write_text(text)
+    with pytest.raises(ConfError, match=message):
+        read_conf(tmp_path / "bad.yml")
+
+
+def test_run_sh_takes_the_keys_of_a_presets_base(repo_root):
+    # --lr is set in conf.yml only; stages 6..5 parse the options and run nothing.
+    out = subprocess.run(["./run.sh", "--conf", "conf_cpu.yml", "--lr", "0.002", "--stage", "6",
+                          "--stop_stage", "5"], cwd=repo_root, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    out = subprocess.run(["./run.sh", "--conf", "conf_cpu.yml", "--hid_chans", "64"],
+                         cwd=repo_root, capture_output=True, text=True)
+    assert out.returncode != 0 and "unknown option --hid_chans" in out.stderr

@@ -1,5 +1,9 @@
 """Recipe configuration: a two-level YAML file whose second-level keys are unique, so every
-key doubles as a `--key value` command-line override (asteroid's egs convention)."""
+key doubles as a `--key value` command-line override (asteroid's egs convention).
+
+A preset names the file it changes with a top-level `base: FILE` (relative to the preset) and
+lists only the keys it sets differently: defaults live in one file.  A base does not name a
+base of its own."""
 from __future__ import annotations
 
 import argparse
@@ -16,15 +20,51 @@ class ConfError(ValueError):
     """A configuration file or override is invalid."""
 
 
-def read_conf(path: str | Path) -> Conf:
-    """Read a conf file and check its shape: sections of scalar/list/dict values, unique keys."""
-    path = Path(path)
+BASE_KEY = "base"
+
+
+def _load_sections(path: Path) -> tuple[Conf, str | None]:
+    """(sections, the `base` file named in it or None) of one conf file."""
     if not path.is_file():
         raise ConfError(f"configuration file not found: {path}")
     with open(path) as f:
         conf = yaml.safe_load(f)
-    if not isinstance(conf, dict) or not all(isinstance(v, dict) for v in conf.values()):
+    if not isinstance(conf, dict):
         raise ConfError(f"{path}: expected two levels (section: {{key: value}})")
+    base = conf.pop(BASE_KEY, None)
+    if base is not None and not isinstance(base, str):
+        raise ConfError(f"{path}: '{BASE_KEY}' must name a conf file, got {base!r}")
+    if not all(isinstance(v, dict) for v in conf.values()):
+        raise ConfError(f"{path}: expected two levels (section: {{key: value}})")
+    return conf, base
+
+
+def _apply_preset(base: Conf, preset: Conf, path: Path, base_path: Path) -> Conf:
+    """`base` with the preset's values; every key the preset sets must be one of the base's."""
+    conf = copy.deepcopy(base)
+    for section, values in preset.items():
+        if section not in conf:
+            raise ConfError(f"{path}: section '{section}' is not in its base {base_path}")
+        for key, value in values.items():
+            if key not in conf[section]:
+                raise ConfError(f"{path}: key '{key}' is not in section '{section}' of its "
+                                f"base {base_path}")
+            conf[section][key] = value
+    return conf
+
+
+def read_conf(path: str | Path) -> Conf:
+    """Read a conf file (a preset: its base with the preset's values) and check its shape:
+    sections of scalar/list/dict values, unique second-level keys."""
+    path = Path(path)
+    conf, base = _load_sections(path)
+    if base is not None:
+        base_path = path.parent / base
+        base_conf, base_of_base = _load_sections(base_path)
+        if base_of_base is not None:
+            raise ConfError(f"{base_path}: the base of {path} names a base of its own; "
+                            "a preset's base must be a complete conf file")
+        conf = _apply_preset(base_conf, conf, path, base_path)
     seen: dict[str, str] = {}
     for section, values in conf.items():
         for key in values:
