@@ -56,6 +56,8 @@ def test_preset_is_its_base_with_the_values_it_sets(repo_root, tmp_path):
     ("base: conf.yml\nmodel:\n  hid_chans: 64\n", "key 'hid_chans' is not in section 'model'"),
     ("base: conf.yml\nmodels:\n  hid_chan: 64\n", "section 'models' is not in its base"),
     ("base: conf.yml\ntraining:\n  lr: 0.1\n", "key 'lr' is not in section 'training'"),
+    ("base: conf.yml\ntraining:\n  epochs: 2o\n", "bad.yml: epochs: expected int, got '2o'"),
+    ("base: conf.yml\nmodel:\n  causal: 1\n", "bad.yml: causal: expected true or false"),
     ("base: missing.yml\nmodel:\n  hid_chan: 64\n", "configuration file not found"),
     ("base: [conf.yml]\n", "'base' must name a conf file"),
     ("base: preset.yml\n", "names a base of its own"),

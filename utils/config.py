@@ -40,7 +40,8 @@ def _load_sections(path: Path) -> tuple[Conf, str | None]:
 
 
 def _apply_preset(base: Conf, preset: Conf, path: Path, base_path: Path) -> Conf:
-    """`base` with the preset's values; every key the preset sets must be one of the base's."""
+    """`base` with the preset's values; every key the preset sets must be one of the base's,
+    and its value of the same type (as for a --key value override)."""
     conf = copy.deepcopy(base)
     for section, values in preset.items():
         if section not in conf:
@@ -49,7 +50,8 @@ def _apply_preset(base: Conf, preset: Conf, path: Path, base_path: Path) -> Conf
             if key not in conf[section]:
                 raise ConfError(f"{path}: key '{key}' is not in section '{section}' of its "
                                 f"base {base_path}")
-            conf[section][key] = value
+            conf[section][key] = _conform(f"{path}: {key}", value, conf[section][key],
+                                          str(value))
     return conf
 
 
@@ -81,17 +83,23 @@ def _coerce(key: str, text: str, default: Any) -> Any:
         value = yaml.safe_load(text) if text != "" else ""
     except yaml.YAMLError as err:
         raise ConfError(f"--{key}: cannot parse '{text}': {err}") from None
+    return _conform(f"--{key}", value, default, text)
+
+
+def _conform(what: str, value: Any, default: Any, text: str) -> Any:
+    """`value` (parsed from `text`) in the type of the default it replaces, or ConfError
+    naming `what` (an option or a preset's key)."""
     if default is None or value is None:
         return value
     if isinstance(default, bool):
         if not isinstance(value, bool):
-            raise ConfError(f"--{key}: expected true or false, got '{text}'")
+            raise ConfError(f"{what}: expected true or false, got '{text}'")
         return value
     if isinstance(default, float) and isinstance(value, str):
         try:  # YAML 1.1 reads "1e-4" (no dot) as a string
             value = float(value)
         except ValueError:
-            raise ConfError(f"--{key}: expected a number, got '{text}'") from None
+            raise ConfError(f"{what}: expected a number, got '{text}'") from None
     if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if isinstance(default, str) and not isinstance(value, str):
@@ -101,7 +109,7 @@ def _coerce(key: str, text: str, default: Any) -> Any:
         return [value]
     if type(value) is not type(default) and not (isinstance(default, (int, float)) and
                                                  isinstance(value, (int, float))):
-        raise ConfError(f"--{key}: expected {type(default).__name__}, got '{text}'")
+        raise ConfError(f"{what}: expected {type(default).__name__}, got '{text}'")
     return value
 
 
