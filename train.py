@@ -14,7 +14,9 @@ training time of the experiment: Lightning's Timer stores the time elapsed in ea
 resumed run continues from it, so a run killed and resumed does not get a fresh budget (the time
 between the last checkpoint and the kill is not counted, as that work is redone). To train longer
 after the budget ran out, rerun with a larger --max_minutes. As in Lightning, an epoch cut short
-by the budget counts as an epoch: a resumed run goes on with the next one.
+by the budget counts as an epoch: a resumed run goes on with the next one. A run killed in
+mid-epoch resumes with the rest of that epoch, the same batches in the same windows
+(local/bsd_dataset.py: ShuffledEpochs, ResumableLoader), unless it trains on several processes.
 """
 from __future__ import annotations
 
@@ -39,6 +41,7 @@ from pytorch_lightning.utilities import rank_zero_only
 from torch.optim.lr_scheduler import ReduceLROnPlateau
 from torch.utils.data import DataLoader
 
+from local.bsd_dataset import ResumableLoader
 from local.data_layouts import DataLayoutError, open_split
 from model import make_model_and_optimizer
 from utils.allocator import keep_freed_memory
@@ -208,7 +211,12 @@ def _check_resumable(old_conf: Conf, conf: Conf, exp_dir: Path) -> None:
                         "use another --exp_dir/--tag, or delete it to start over")
 
 
-def _make_loaders(conf: Conf, data_dir: str | Path) -> tuple[DataLoader, DataLoader]:
+def _make_loaders(conf: Conf, data_dir: str | Path, resumable: bool = True
+                  ) -> tuple[DataLoader, DataLoader]:
+    """(training, validation) loaders.  With `resumable`, the training order is
+    `ShuffledEpochs` through a `ResumableLoader`: a run resumed in mid-epoch goes on with that
+    epoch's remaining batches.  Without it (several processes: Lightning shards the data with
+    its DistributedSampler), a plain shuffle."""
     n_src, sample_rate = conf["model"]["n_src"], conf["clips"]["sample_rate"]
     t = conf["training"]
     train_set = open_split(data_dir, n_src, "tr", sample_rate, segment_s=t["segment_s"],
@@ -224,7 +232,10 @@ def _make_loaders(conf: Conf, data_dir: str | Path) -> tuple[DataLoader, DataLoa
                          f"(--batch_size {t['batch_size']})")
     common = dict(batch_size=t["batch_size"], num_workers=t["num_workers"],
                   pin_memory=torch.cuda.is_available(), persistent_workers=t["num_workers"] > 0)
-    train_loader = DataLoader(train_set, shuffle=True, drop_last=True, **common)
+    if resumable:
+        train_loader = ResumableLoader(train_set, seed=conf["common"]["seed"], **common)
+    else:
+        train_loader = DataLoader(train_set, shuffle=True, drop_last=True, **common)
     val_loader = DataLoader(val_set, shuffle=False, drop_last=False, **common)
     return train_loader, val_loader
 
@@ -365,13 +376,15 @@ def train(conf: Conf, data_dir: str | Path, exp_dir: str | Path) -> Path:
     if t["compile"]:
         _compile(model, t["accelerator"])
     train_loader, val_loader = _make_loaders(conf, data_dir)
+    trainer, best_ckpts, early_stop = _make_trainer(conf, exp_dir, len(train_loader), precision)
+    if trainer.world_size > 1:
+        train_loader, val_loader = _make_loaders(conf, data_dir, resumable=False)
     scheduler = ReduceLROnPlateau(optimizer, mode="min", factor=0.5,
                                   patience=conf["optim"]["lr_halve_patience"])
     system = BirdSystem(model=model, optimizer=optimizer,
                         loss_func=PITLossWrapper(pairwise_neg_sisdr, pit_from="pw_mtx"),
                         train_loader=train_loader, val_loader=val_loader, scheduler=scheduler,
                         config=conf, max_bad_batches=t["max_bad_batches"])
-    trainer, best_ckpts, early_stop = _make_trainer(conf, exp_dir, len(train_loader), precision)
     resume_from = str(last_ckpt) if last_ckpt.is_file() else None
     if resume_from and trainer.is_global_zero:
         print(f"train: resuming from {last_ckpt}")

@@ -246,7 +246,9 @@ def _device_batches(loader, n_batches: int, device: torch.device, epochs: int = 
     """The first `n_batches` (mixture, sources) of the loader, over as many epochs as needed
     (at most `epochs`), on the device."""
     batches: list = []
-    for _ in range(epochs):
+    for epoch in range(epochs):
+        if hasattr(loader.sampler, "set_epoch"):   # a new shuffle per pass, as Lightning does
+            loader.sampler.set_epoch(epoch)
         for batch in loader:
             batches.append(tuple(x.to(device) for x in batch[:2]))
             if len(batches) == n_batches:

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import soundfile as sf
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 
 def split_csv(data_dir: str | Path, n_src: int, split: str) -> Path:
@@ -29,6 +29,10 @@ class BSDDataset(Dataset):
     `table` gives the rows (the csv's columns) directly, for data sets listed from a folder
     tree (local/data_layouts.py: LibriMix, wsj0-2mix); `csv_path` then only names the split,
     and the paths are relative to its parent all the same.
+
+    An item is asked for by its index, or (from `ShuffledEpochs`) by `(index, draw_key)`: the
+    random window is then drawn from a generator seeded with `(*draw_key, index)`, so the same
+    key gives the same window in any process; a plain index draws from numpy's global one.
     """
 
     def __init__(self, csv_path: str | Path, sample_rate: int, segment_s: float | None = None,
@@ -61,12 +65,14 @@ class BSDDataset(Dataset):
                              "rebuild the data set or set --sample_rate to match")
         return audio
 
-    def __getitem__(self, idx: int):
+    def __getitem__(self, key: int | tuple[int, tuple[int, ...]]):
+        idx, draw_key = key if isinstance(key, tuple) else (key, None)
         row = self.df.iloc[idx]
         mixture = self._read(row["mixture_path"], 0, None)
         sources = np.stack([self._read(row[c], 0, None) for c in self.source_columns])
         if self.segment is not None and mixture.shape[0] > self.segment:
-            start = self._segment_start(sources)
+            rng = np.random if draw_key is None else np.random.default_rng([*draw_key, idx])
+            start = self._segment_start(sources, rng)
             mixture = mixture[start:start + self.segment]
             sources = sources[:, start:start + self.segment]
         if self.segment is not None and mixture.shape[0] < self.segment:
@@ -78,7 +84,7 @@ class BSDDataset(Dataset):
             return mixture_t, sources_t, str(row["mixture_id"])
         return mixture_t, sources_t
 
-    def _segment_start(self, sources: np.ndarray) -> int:
+    def _segment_start(self, sources: np.ndarray, rng) -> int:
         """Start of a training window in which every source is heard.
 
         Bird clips are short and mostly padded or sparse, so a window drawn blindly often holds
@@ -97,4 +103,70 @@ class BSDDataset(Dataset):
         candidates = np.flatnonzero(worst_share >= self.min_source_share)
         if candidates.size == 0:
             return int(worst_share.argmax())
-        return int(candidates[np.random.randint(candidates.size)])
+        return int(candidates[rng.integers(candidates.size) if hasattr(rng, "integers")
+                              else rng.randint(candidates.size)])
+
+
+class ShuffledEpochs(Sampler):
+    """Training order that a resumed run can take up again: epoch e visits the items in a
+    shuffle drawn from (seed, e), each with the key of its window draw (see BSDDataset).
+    Lightning calls `set_epoch` at each epoch start; `resume(epoch, items_done)` makes the
+    next pass over `epoch` skip the items an interrupted run already trained on."""
+
+    def __init__(self, n_items: int, seed: int):
+        self.n_items, self.seed, self.epoch = n_items, seed, 0
+        self._skip: dict[int, int] = {}
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def resume(self, epoch: int, items_done: int) -> None:
+        self.epoch = epoch
+        self._skip = {epoch: items_done}
+
+    def items_to_skip(self, epoch: int) -> int:
+        """How many items the next pass over `epoch` leaves out (a resumed epoch's done ones)."""
+        return self._skip.get(epoch, 0)
+
+    def __len__(self) -> int:
+        # The whole epoch, also when resuming: Lightning counts a resumed epoch's batches
+        # from where it stopped, up to this length.
+        return self.n_items
+
+    def __iter__(self):
+        epoch = self.epoch
+        order = np.random.default_rng([self.seed, epoch]).permutation(self.n_items)
+        skip = self._skip.pop(epoch, 0)
+        return iter([(int(idx), (self.seed, epoch)) for idx in order[skip:]])
+
+
+class ResumableLoader(DataLoader):
+    """A training DataLoader over `ShuffledEpochs` whose position goes into Lightning's
+    checkpoints (`state_dict`, read back by `load_state_dict` before the loader's first pass
+    when a run resumes), so a run stopped in mid-epoch (time budget, a killed job) trains the
+    rest of that epoch's batches, with the same windows, as if it had never stopped."""
+
+    def __init__(self, dataset: Dataset, batch_size: int, seed: int, **kwargs):
+        super().__init__(dataset, batch_size=batch_size, drop_last=True,
+                         sampler=ShuffledEpochs(len(dataset), seed), **kwargs)
+        self._position = (0, 0)          # (epoch, batches handed out in it)
+
+    def __iter__(self):
+        epoch = self.sampler.epoch
+        done = self.sampler.items_to_skip(epoch) // self.batch_size
+        self._position = (epoch, done)
+        for batch in super().__iter__():
+            done += 1
+            self._position = (epoch, done)
+            yield batch
+
+    def state_dict(self) -> dict[str, int]:
+        epoch, batches = self._position
+        return {"epoch": epoch, "batches": batches}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        epoch, batches = state["epoch"], state["batches"]
+        if batches >= len(self):     # saved at the end of its epoch: the next one starts afresh
+            self.sampler.set_epoch(epoch + 1)
+        else:
+            self.sampler.resume(epoch, batches * self.batch_size)

@@ -6,7 +6,7 @@ import pandas as pd
 import soundfile as sf
 import torch
 
-from local.bsd_dataset import BSDDataset
+from local.bsd_dataset import BSDDataset, ResumableLoader, ShuffledEpochs
 
 SR = 8000
 
@@ -49,3 +49,52 @@ def test_short_mixtures_are_padded_and_full_length_items_kept(tmp_path):
     mixture, sources, mixture_id = BSDDataset(csv, SR, return_id=True)[0]
     assert mixture.shape == (int(1.5 * SR),) and mixture_id == "m0"
     assert np.allclose(mixture.numpy(), sources.sum(0).numpy(), atol=1e-6)
+
+
+def test_keyed_windows_are_the_same_in_any_process(tmp_path):
+    csv, _ = write_split(tmp_path)
+    blind = BSDDataset(csv, SR, segment_s=1.0)
+    np.random.seed(1)
+    first = blind[(0, (17, 3))][0]
+    np.random.seed(2)                       # numpy's global generator plays no part
+    assert torch.equal(blind[(0, (17, 3))][0], first)
+    windows = {blind[(0, (17, epoch))][0].numpy().tobytes() for epoch in range(8)}
+    assert len(windows) > 1                 # other epochs draw other windows
+
+
+def test_shuffled_epochs_are_reproducible_and_resume_where_they_stopped():
+    sampler = ShuffledEpochs(10, seed=17)
+    epoch0 = list(sampler)
+    assert sorted(i for i, _ in epoch0) == list(range(10)) and list(sampler) == epoch0
+    assert all(key == (17, 0) for _, key in epoch0)
+    sampler.set_epoch(1)
+    epoch1 = list(sampler)
+    assert epoch1 != epoch0 and all(key == (17, 1) for _, key in epoch1)
+    # A new process resuming epoch 1 after 4 items: the remaining items, then whole epochs.
+    resumed = ShuffledEpochs(10, seed=17)
+    resumed.resume(1, 4)
+    assert len(resumed) == 10 and list(resumed) == epoch1[4:] and list(resumed) == epoch1
+
+
+def test_resumable_loader_saves_its_position_and_takes_it_up(tmp_path):
+    csv, _ = write_split(tmp_path)
+    table = pd.read_csv(csv)
+    table = pd.concat([table.assign(mixture_id=f"m{i}") for i in range(6)], ignore_index=True)
+    table.to_csv(csv, index=False)                       # 6 items: 3 batches of 2
+    dataset = BSDDataset(csv, SR, segment_s=0.5, return_id=True)
+    uninterrupted = list(ResumableLoader(dataset, batch_size=2, seed=5))
+    loader = ResumableLoader(dataset, batch_size=2, seed=5)
+    assert len(loader) == 3
+    it = iter(loader)
+    next(it), next(it)
+    state = loader.state_dict()
+    assert state == {"epoch": 0, "batches": 2}
+    again = ResumableLoader(dataset, batch_size=2, seed=5)   # as in a new process
+    again.load_state_dict(state)
+    (rest,) = list(again)
+    assert rest[2] == uninterrupted[2][2]                           # the same mixtures
+    assert torch.equal(rest[0], uninterrupted[2][0])                # in the same windows
+    assert again.state_dict() == {"epoch": 0, "batches": 3}
+    # Saved at the end of an epoch: the next pass is the next epoch, whole.
+    again.load_state_dict({"epoch": 0, "batches": 3})
+    assert again.sampler.epoch == 1 and len(list(again)) == 3

@@ -3,6 +3,7 @@ time budget, bad batches, and the CPU preset."""
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,7 @@ from asteroid.models import ConvTasNet
 
 from conftest import TINY_MODEL
 from model import load_best_model, make_model
-from train import BadBatchWarning, main, resolve_precision, train
+from train import BadBatchWarning, BirdSystem, main, resolve_precision, train
 from utils.config import ConfError, read_conf, write_conf
 
 SAMPLE_RATE = 8000
@@ -140,6 +141,41 @@ def test_time_budget_stops_cleanly_and_carries_over(tiny_conf, tiny_data, tmp_pa
     train(tiny_conf, tiny_data, exp_dir)
     assert best_model_infos(exp_dir)["stop_reason"] == "max epochs"
     assert last_checkpoint(exp_dir)["callbacks"]["Timer"]["time_elapsed"]["train"] > elapsed
+
+
+class Killed(Exception):
+    """Stands for a job killed in mid-epoch."""
+
+
+@pytest.mark.parametrize("num_workers", [0, 1])
+def test_a_run_killed_in_mid_epoch_resumes_with_the_rest_of_that_epoch(tiny_conf, tmp_path,
+                                                                       monkeypatch, num_workers):
+    tiny_conf["training"]["num_workers"] = num_workers
+    data_dir = tmp_path / "data"
+    write_tiny_bsd(data_dir, n_train=8)                    # 4 training steps per epoch
+    train(tiny_conf, data_dir, tmp_path / "straight")
+    # The same run killed during its third step (last.ckpt holds step 2), then run again.
+    training_step = BirdSystem.training_step
+
+    def killed_at_third_step(self, batch, batch_idx):
+        if self.global_step == 2:
+            raise Killed
+        return training_step(self, batch, batch_idx)
+
+    monkeypatch.setattr(BirdSystem, "training_step", killed_at_third_step)
+    with pytest.raises(Killed):
+        train(tiny_conf, data_dir, tmp_path / "killed")
+    assert last_checkpoint(tmp_path / "killed")["global_step"] == 2
+    monkeypatch.setattr(BirdSystem, "training_step", training_step)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*dataloader is not resumable")
+        train(tiny_conf, data_dir, tmp_path / "killed")
+    # Steps 3 and 4 trained on the epoch's last two batches, in the same windows: the weights
+    # are those of the run that was never stopped.
+    straight = last_checkpoint(tmp_path / "straight")
+    resumed = last_checkpoint(tmp_path / "killed")
+    assert resumed["global_step"] == straight["global_step"] == 4
+    assert all(torch.equal(resumed["state_dict"][k], v) for k, v in straight["state_dict"].items())
 
 
 # adam: fused, skips the step on the device (no host sync per step); rmsprop: checked on the host.
