@@ -98,3 +98,15 @@ def test_resumable_loader_saves_its_position_and_takes_it_up(tmp_path):
     # Saved at the end of an epoch: the next pass is the next epoch, whole.
     again.load_state_dict({"epoch": 0, "batches": 3})
     assert again.sampler.epoch == 1 and len(list(again)) == 3
+
+
+def test_training_batches_do_not_depend_on_the_number_of_workers(tmp_path):
+    csv, _ = write_split(tmp_path)
+    table = pd.read_csv(csv)
+    pd.concat([table.assign(mixture_id=f"m{i}") for i in range(4)], ignore_index=True).to_csv(
+        csv, index=False)
+    dataset = BSDDataset(csv, SR, segment_s=0.5, return_id=True)
+    batches = {workers: list(ResumableLoader(dataset, batch_size=2, seed=3, num_workers=workers))
+               for workers in (0, 2)}
+    assert [b[2] for b in batches[0]] == [b[2] for b in batches[2]]
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(batches[0], batches[2]))
