@@ -211,32 +211,45 @@ def _check_resumable(old_conf: Conf, conf: Conf, exp_dir: Path) -> None:
                         "use another --exp_dir/--tag, or delete it to start over")
 
 
+def _loader_settings(conf: Conf) -> dict[str, Any]:
+    t = conf["training"]
+    return dict(batch_size=t["batch_size"], num_workers=t["num_workers"],
+                pin_memory=torch.cuda.is_available(), persistent_workers=t["num_workers"] > 0)
+
+
+def _open_checked(conf: Conf, data_dir: str | Path, split: str, **dataset_kwargs: Any):
+    n_src = conf["model"]["n_src"]
+    dataset = open_split(data_dir, n_src, split, conf["clips"]["sample_rate"],
+                         segment_s=conf["training"]["segment_s"],
+                         min_source_share=conf["training"]["min_source_share"], **dataset_kwargs)
+    if dataset.n_src != n_src:
+        raise ConfError(f"{dataset.csv_path} has {dataset.n_src} sources, --n_src is {n_src}")
+    return dataset
+
+
+def make_train_loader(conf: Conf, data_dir: str | Path, resumable: bool = True) -> DataLoader:
+    """The training loader.  With `resumable`, the order is `ShuffledEpochs` through a
+    `ResumableLoader`: a run resumed in mid-epoch goes on with that epoch's remaining batches.
+    Without it (several processes: Lightning shards the data with its DistributedSampler), a
+    plain shuffle."""
+    train_set = _open_checked(conf, data_dir, "tr", return_id=True)
+    batch_size = conf["training"]["batch_size"]
+    if len(train_set) < batch_size:
+        raise ValueError(f"{train_set.csv_path}: {len(train_set)} mixtures, fewer than one batch "
+                         f"(--batch_size {batch_size})")
+    settings = _loader_settings(conf)
+    if resumable:
+        return ResumableLoader(train_set, seed=conf["common"]["seed"], **settings)
+    return DataLoader(train_set, shuffle=True, drop_last=True, **settings)
+
+
 def _make_loaders(conf: Conf, data_dir: str | Path, resumable: bool = True
                   ) -> tuple[DataLoader, DataLoader]:
-    """(training, validation) loaders.  With `resumable`, the training order is
-    `ShuffledEpochs` through a `ResumableLoader`: a run resumed in mid-epoch goes on with that
-    epoch's remaining batches.  Without it (several processes: Lightning shards the data with
-    its DistributedSampler), a plain shuffle."""
-    n_src, sample_rate = conf["model"]["n_src"], conf["clips"]["sample_rate"]
-    t = conf["training"]
-    train_set = open_split(data_dir, n_src, "tr", sample_rate, segment_s=t["segment_s"],
-                           return_id=True, min_source_share=t["min_source_share"])
+    """(training, validation) loaders (see make_train_loader)."""
+    train_loader = make_train_loader(conf, data_dir, resumable)
     # Fixed windows, so that val_loss moves only with the model.
-    val_set = open_split(data_dir, n_src, "cv", sample_rate, segment_s=t["segment_s"],
-                         random_segments=False, min_source_share=t["min_source_share"])
-    for dataset in (train_set, val_set):
-        if dataset.n_src != n_src:
-            raise ConfError(f"{dataset.csv_path} has {dataset.n_src} sources, --n_src is {n_src}")
-    if len(train_set) < t["batch_size"]:
-        raise ValueError(f"{train_set.csv_path}: {len(train_set)} mixtures, fewer than one batch "
-                         f"(--batch_size {t['batch_size']})")
-    common = dict(batch_size=t["batch_size"], num_workers=t["num_workers"],
-                  pin_memory=torch.cuda.is_available(), persistent_workers=t["num_workers"] > 0)
-    if resumable:
-        train_loader = ResumableLoader(train_set, seed=conf["common"]["seed"], **common)
-    else:
-        train_loader = DataLoader(train_set, shuffle=True, drop_last=True, **common)
-    val_loader = DataLoader(val_set, shuffle=False, drop_last=False, **common)
+    val_set = _open_checked(conf, data_dir, "cv", random_segments=False)
+    val_loader = DataLoader(val_set, shuffle=False, drop_last=False, **_loader_settings(conf))
     return train_loader, val_loader
 
 

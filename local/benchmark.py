@@ -448,30 +448,28 @@ def _load_average() -> Optional[float]:
         return None
 
 
-def time_data_loading(conf: Conf, data_dir: str | Path, n_batches: int) -> dict[str, Any]:
-    """Seconds per training batch fetched through BSDDataset + DataLoader (after the first)."""
-    from torch.utils.data import DataLoader
+def time_data_loading(conf: Conf, data_dir: str | Path, n_batches: int,
+                      device: str | torch.device = "cpu") -> dict[str, Any]:
+    """Median seconds per batch of the recipe's training DataLoader (train.make_train_loader:
+    workers, pinned memory on CUDA machines), moved to `device`, after the first batch."""
+    from train import make_train_loader
 
-    from local.bsd_dataset import BSDDataset, split_csv
-
+    device = torch.device(device)
     t = conf["training"]
-    dataset = BSDDataset(split_csv(data_dir, conf["model"]["n_src"], "tr"),
-                         conf["clips"]["sample_rate"], segment_s=t["segment_s"])
-    loader = DataLoader(dataset, batch_size=t["batch_size"], shuffle=True, drop_last=True,
-                        num_workers=t["num_workers"])
-    times = []
-    iterator = iter(loader)
+    iterator, times = iter(make_train_loader(conf, data_dir)), []
     next(iterator)  # worker start-up
     for _ in range(n_batches):
         start = time.perf_counter()
         try:
-            next(iterator)
+            batch = next(iterator)
         except StopIteration:
             break
+        if device.type != "cpu":
+            [x.to(device, non_blocking=True) for x in batch[:2]]
+            torch.cuda.synchronize(device)
         times.append(time.perf_counter() - start)
     if not times:
-        raise ValueError(f"{split_csv(data_dir, conf['model']['n_src'], 'tr')}: "
-                         f"fewer than 2 batches of {t['batch_size']}")
+        raise ValueError(f"{data_dir}: fewer than 2 training batches of {t['batch_size']}")
     return dict(batch_s=statistics.median(times), n_batches=len(times),
                 num_workers=t["num_workers"], batch_size=t["batch_size"])
 

@@ -43,7 +43,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from local.benchmark import (INFERENCE_SECONDS, _batch, build_model, check_parity, model_kwargs_of,
-                             optimizer_for)
+                             optimizer_for, time_data_loading)
 from utils.config import Conf, parse_stage_args
 
 
@@ -276,25 +276,6 @@ def training_batches(conf: Conf, data_dir: Optional[str | Path], n_batches: int,
     return train, held_out, f"{data_dir}: {len(train)} train batches, cv windows"
 
 
-def time_loader(conf: Conf, data_dir: str | Path, n_batches: int, device: torch.device) -> float:
-    """Median seconds per batch of the recipe's training DataLoader, moved to the device."""
-    from train import _make_loaders
-
-    loader, _ = _make_loaders(conf, data_dir)
-    iterator, times = iter(loader), []
-    next(iterator)  # worker start-up
-    for _ in range(n_batches):
-        start = time.perf_counter()
-        try:
-            batch = next(iterator)
-        except StopIteration:
-            break
-        [x.to(device, non_blocking=True) for x in batch[:2]]
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def _quality_variant(name: str) -> tuple[Variant, int]:
     """A quality run's variant and the seed of its initial weights (`<variant>_seed2`)."""
     base, _, seed = name.partition("_seed")
@@ -417,7 +398,8 @@ def run_gpu_benchmark(conf: Conf, *, data_dir: Optional[str | Path] = None,
                 + ", ".join(f"{n} {v:.4f}" for n, v in rtf.items()))
             save()
         if data_dir is not None:
-            batch_s = results["data_batch_s"] = time_loader(conf, data_dir, 20, device_)
+            loading = time_data_loading(conf, data_dir, 20, device_)
+            batch_s = results["data_batch_s"] = loading["batch_s"]
             ours = results["throughput"].get("ours_bf16", results["throughput"][REFERENCE])
             results["data_vs_train_step"] = batch_s / ours["step_s"]
             log(f"data: {1000 * batch_s:.1f} ms per batch ({t['num_workers']} workers) = "
