@@ -390,7 +390,7 @@ def train(conf: Conf, data_dir: str | Path, exp_dir: str | Path) -> Path:
         _compile(model, t["accelerator"])
     train_loader, val_loader = _make_loaders(conf, data_dir)
     trainer, best_ckpts, early_stop = _make_trainer(conf, exp_dir, len(train_loader), precision)
-    if trainer.world_size > 1:
+    if trainer.world_size > 1:   # known only now: Lightning's DistributedSampler shards the data
         train_loader, val_loader = _make_loaders(conf, data_dir, resumable=False)
     scheduler = ReduceLROnPlateau(optimizer, mode="min", factor=0.5,
                                   patience=conf["optim"]["lr_halve_patience"])

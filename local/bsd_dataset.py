@@ -71,8 +71,10 @@ class BSDDataset(Dataset):
         mixture = self._read(row["mixture_path"], 0, None)
         sources = np.stack([self._read(row[c], 0, None) for c in self.source_columns])
         if self.segment is not None and mixture.shape[0] > self.segment:
-            rng = np.random if draw_key is None else np.random.default_rng([*draw_key, idx])
-            start = self._segment_start(sources, rng)
+            # Without a key, a generator seeded from numpy's global one (as DataLoader workers
+            # seed it per epoch).
+            seed = [*draw_key, idx] if draw_key is not None else np.random.randint(2**32)
+            start = self._segment_start(sources, np.random.default_rng(seed))
             mixture = mixture[start:start + self.segment]
             sources = sources[:, start:start + self.segment]
         if self.segment is not None and mixture.shape[0] < self.segment:
@@ -84,7 +86,7 @@ class BSDDataset(Dataset):
             return mixture_t, sources_t, str(row["mixture_id"])
         return mixture_t, sources_t
 
-    def _segment_start(self, sources: np.ndarray, rng) -> int:
+    def _segment_start(self, sources: np.ndarray, rng: np.random.Generator) -> int:
         """Start of a training window in which every source is heard.
 
         Bird clips are short and mostly padded or sparse, so a window drawn blindly often holds
@@ -103,8 +105,7 @@ class BSDDataset(Dataset):
         candidates = np.flatnonzero(worst_share >= self.min_source_share)
         if candidates.size == 0:
             return int(worst_share.argmax())
-        return int(candidates[rng.integers(candidates.size) if hasattr(rng, "integers")
-                              else rng.randint(candidates.size)])
+        return int(candidates[rng.integers(candidates.size)])
 
 
 class ShuffledEpochs(Sampler):
@@ -143,8 +144,9 @@ class ShuffledEpochs(Sampler):
 class ResumableLoader(DataLoader):
     """A training DataLoader over `ShuffledEpochs` whose position goes into Lightning's
     checkpoints (`state_dict`, read back by `load_state_dict` before the loader's first pass
-    when a run resumes), so a run stopped in mid-epoch (time budget, a killed job) trains the
-    rest of that epoch's batches, with the same windows, as if it had never stopped."""
+    when a run resumes), so a run killed in mid-epoch trains the rest of that epoch's batches,
+    with the same windows, as if it had never stopped.  (A time-budget stop ends the epoch in
+    Lightning's count: the resumed run starts the next one, whole.)"""
 
     def __init__(self, dataset: Dataset, batch_size: int, seed: int, **kwargs):
         super().__init__(dataset, batch_size=batch_size, drop_last=True,
