@@ -357,13 +357,13 @@ def _onednn_op():
 
 def _onednn_for(a: torch.Tensor):
     """The oneDNN op when `_linear(a, ...)` would use it (float32 CPU rows, contiguous, at
-    least _ONEDNN_MIN_ROWS of them, no autograd), else None."""
-    op = _onednn_op()
-    if (op is not None and not torch.is_grad_enabled() and a.dtype == torch.float32
-            and a.device.type == "cpu" and a.stride(1) == 1
-            and a.shape[0] >= _ONEDNN_MIN_ROWS):
-        return op
-    return None
+    least _ONEDNN_MIN_ROWS of them, no autograd, not under torch.compile), else None."""
+    # Under torch.compile the compiler picks the products; dynamo cannot trace the first
+    # call's machine check (platform.uname) either.
+    if (torch.compiler.is_compiling() or torch.is_grad_enabled() or a.dtype != torch.float32
+            or a.device.type != "cpu" or a.stride(1) != 1 or a.shape[0] < _ONEDNN_MIN_ROWS):
+        return None
+    return _onednn_op()
 
 
 # Activations oneDNN applies inside its products (and torch's in-place equivalents).

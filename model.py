@@ -9,12 +9,12 @@ Encoder variants (conf `model.encoder`):
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from asteroid.engine.optimizers import make_optimizer
 
-from fast_tasnet import FastConvTasNet
+from fast_tasnet import DEPTHWISE_FORMS, FastConvTasNet
 from utils.config import Conf, ConfError
 
 ENCODER_VARIANTS = ("linear", "relu", "pinv")
@@ -87,6 +87,39 @@ def make_model(conf: Conf) -> BirdConvTasNet:
     # Same weights and results either way; "stock" runs asteroid's own forward.
     model.impl = "auto" if implementation == "fast" else "stock"
     return model
+
+
+# torch.compile's modes; those that capture CUDA graphs need each step marked as a new one.
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
+
+
+def check_compile_mode(mode: str) -> None:
+    if mode not in COMPILE_MODES:
+        raise ConfError(f"--compile_mode {mode!r}: expected one of {', '.join(COMPILE_MODES)}")
+
+
+def compile_in_place(model: torch.nn.Module, mode: str = "default", depthwise: str = "shifted"
+                     ) -> Callable[[], None]:
+    """torch.compile `model` in place (Module.compile, so its state-dict keys stay asteroid's;
+    torch.compile(model) would prefix them with "_orig_mod."). Returns what each training or
+    validation step calls before the forward: with CUDA graphs, the mark of a new step (a graph
+    replays into the same output buffers).
+
+    Ours runs compiled on its plain-operator path (what it runs on GPUs anyway: the CPU path's
+    autograd functions and C kernels break dynamo's graphs), with the depthwise convolution in
+    the `depthwise` form (fast_tasnet.DEPTHWISE_FORMS): "shifted" sums of shifted copies are
+    elementwise operators that the compiler fuses with the norms and PReLUs around them."""
+    check_compile_mode(mode)
+    if depthwise not in DEPTHWISE_FORMS:
+        raise ValueError(f"depthwise form {depthwise!r}: expected one of {', '.join(DEPTHWISE_FORMS)}")
+    if isinstance(model, FastConvTasNet) and model.impl != "stock":
+        model.impl = "autograd"
+        model.depthwise = depthwise
+    model.compile(mode=mode)
+    if mode in CUDA_GRAPH_MODES:
+        return torch.compiler.cudagraph_mark_step_begin
+    return lambda: None
 
 
 # torch's fused Adam/AdamW/SGD (CPU and CUDA) update every parameter in one kernel instead of

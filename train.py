@@ -27,7 +27,7 @@ import time
 import warnings
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Optional
 
 import pytorch_lightning as pl
 import torch
@@ -43,7 +43,7 @@ from torch.utils.data import DataLoader
 
 from local.bsd_dataset import ResumableLoader
 from local.data_layouts import DataLayoutError, open_split
-from model import make_model_and_optimizer
+from model import check_compile_mode, compile_in_place, make_model_and_optimizer
 from utils.allocator import keep_freed_memory
 from utils.atomic import atomic_path, atomic_write_text
 from utils.config import Conf, ConfError, parse_stage_args, read_conf, write_conf
@@ -53,7 +53,9 @@ from utils.stage_marker import clear_done, is_done, mark_done
 # Any other difference means a different experiment and is refused.
 RESUMABLE_KEYS = {"implementation", "epochs", "max_minutes", "early_stop", "patience", "num_workers", "num_threads",
                   "accelerator", "devices", "strategy", "precision", "save_top_k",
-                  "checkpoint_every_n_steps", "max_bad_batches", "compile"}
+                  "checkpoint_every_n_steps", "max_bad_batches", "compile", "compile_mode"}
+# conf `training.compile`: "auto" compiles when training on one CUDA GPU.
+COMPILE_SETTINGS = ("auto", "true", "false")
 # The conf sections this stage reads (besides common.seed and clips.sample_rate).
 TRAINING_SECTIONS = ("model", "training", "optim")
 # Training steps between two checks of the losses for NaN/inf when the optimizer skips bad
@@ -78,8 +80,11 @@ class BirdSystem(System):
     optimizers (and 16-mixed, whose GradScaler owns `found_inf`) check each loss on the host
     and skip backward and step."""
 
-    def __init__(self, *args: Any, max_bad_batches: int, **kwargs: Any):
+    def __init__(self, *args: Any, max_bad_batches: int,
+                 new_step: Optional[Callable[[], None]] = None, **kwargs: Any):
         super().__init__(*args, **kwargs)
+        # Called before each forward: a compiled model's mark of a new step (model.compile_in_place).
+        self.new_step = new_step or (lambda: None)
         self.max_bad_batches = max_bad_batches
         self.bad_batches_in_a_row = 0
         self.bad_batches_total = 0
@@ -100,6 +105,7 @@ class BirdSystem(System):
 
     def training_step(self, batch, batch_idx):
         mixture, sources, mixture_ids = batch
+        self.new_step()
         # float32 loss also under bf16 autocast (the decoder's output is bf16 there).
         loss = self.loss_func(self(mixture).float(), sources)
         if self._skips_on_device():
@@ -173,6 +179,7 @@ class BirdSystem(System):
 
     def validation_step(self, batch, batch_idx):
         mixture, sources = batch
+        self.new_step()
         loss = self.loss_func(self(mixture).float(), sources)
         self.log("val_loss", loss, on_epoch=True, prog_bar=True, sync_dist=True)
 
@@ -266,13 +273,28 @@ def resolve_precision(precision: str, accelerator: str) -> str:
     return "bf16-mixed" if cuda_bf16 else "32-true"
 
 
-def _compile(model: torch.nn.Module, accelerator: str) -> None:
-    """torch.compile the model in place (its state-dict keys stay asteroid's), on CUDA only."""
-    if not _trains_on_cuda(accelerator):
+def _compile(model: torch.nn.Module, setting: Any, accelerator: str, world_size: int,
+             mode: str) -> Optional[Callable[[], None]]:
+    """torch.compile the model in place (model.compile_in_place) as the conf's `compile` says:
+    "auto" on one CUDA GPU, "true" on CUDA, never on CPU. Returns the per-step hook (see
+    BirdSystem), or None where the model stays eager."""
+    setting = str(setting).lower()   # an older conf's true/false (YAML booleans) reads the same
+    if setting not in COMPILE_SETTINGS:
+        raise ConfError(f"--compile {setting!r}: expected one of {', '.join(COMPILE_SETTINGS)}")
+    check_compile_mode(mode)
+    on_cuda = _trains_on_cuda(accelerator)
+    if setting == "true" and not on_cuda:
         warnings.warn("--compile true: ignored, training is not on a CUDA GPU (on CPU the model "
                       "runs its own C kernels, which torch.compile cannot trace)")
-        return
-    model.compile()
+    if setting == "false" or not on_cuda or (setting == "auto" and world_size > 1):
+        return None
+    if setting == "auto":
+        # A GPU that torch's compiler cannot build for (Triton needs compute capability 7.0 or
+        # later) trains eagerly after dynamo's warning instead of failing the run.
+        import torch._dynamo   # torch imports it lazily
+
+        torch._dynamo.config.suppress_errors = True
+    return compile_in_place(model, mode)
 
 
 def _make_trainer(conf: Conf, exp_dir: Path, n_train_batches: int, precision: str
@@ -386,18 +408,17 @@ def train(conf: Conf, data_dir: str | Path, exp_dir: str | Path) -> Path:
     precision = resolve_precision(t["precision"], t["accelerator"])
     # Lightning refuses to clip the gradients of a fused optimizer under fp16's GradScaler.
     model, optimizer = make_model_and_optimizer(conf, fused=not precision.startswith("16"))
-    if t["compile"]:
-        _compile(model, t["accelerator"])
     train_loader, val_loader = _make_loaders(conf, data_dir)
     trainer, best_ckpts, early_stop = _make_trainer(conf, exp_dir, len(train_loader), precision)
     if trainer.world_size > 1:   # known only now: Lightning's DistributedSampler shards the data
         train_loader, val_loader = _make_loaders(conf, data_dir, resumable=False)
+    new_step = _compile(model, t["compile"], t["accelerator"], trainer.world_size, t["compile_mode"])
     scheduler = ReduceLROnPlateau(optimizer, mode="min", factor=0.5,
                                   patience=conf["optim"]["lr_halve_patience"])
     system = BirdSystem(model=model, optimizer=optimizer,
                         loss_func=PITLossWrapper(pairwise_neg_sisdr, pit_from="pw_mtx"),
                         train_loader=train_loader, val_loader=val_loader, scheduler=scheduler,
-                        config=conf, max_bad_batches=t["max_bad_batches"])
+                        config=conf, max_bad_batches=t["max_bad_batches"], new_step=new_step)
     resume_from = str(last_ckpt) if last_ckpt.is_file() else None
     if resume_from and trainer.is_global_zero:
         print(f"train: resuming from {last_ckpt}")

@@ -14,7 +14,8 @@ train split, fetched once and kept on the device; synthetic chirps without --dat
     check would), ours_bf16_compiled and ours_fp32_compiled (torch.compile),
     ours_bf16_compiled_shifted (the depthwise convolution as sums of shifted copies, which
     the compiler fuses with the elementwise work around it, instead of cuDNN's kernels) and
-    ours_bf16_compiled_graphs (that, compiled with CUDA graphs: mode "reduce-overhead");
+    ours_bf16_compiled_graphs (that, compiled with CUDA graphs: mode "reduce-overhead"; what
+    train.py runs on one GPU with conf.yml's defaults);
     device-event timing, medians of windows of steps, after warm-up (the compiled variants'
     first-step time, i.e. compilation, is reported apart);
   * quality: each of `--quality_variants` trained for the same number of steps from the same
@@ -44,6 +45,7 @@ import torch
 
 from local.benchmark import (INFERENCE_SECONDS, _batch, build_model, check_parity, model_kwargs_of,
                              optimizer_for, time_data_loading)
+from model import compile_in_place
 from utils.config import Conf, parse_stage_args
 
 
@@ -54,7 +56,7 @@ class Variant:
     compiled: bool = False    # torch.compile of the model
     host_sync: bool = False   # read the loss on the host every step
     depthwise: str = "conv"   # ours' depthwise convolution: fast_tasnet.DEPTHWISE_FORMS
-    compile_mode: Optional[str] = None   # torch.compile's mode
+    compile_mode: str = "default"   # torch.compile's mode (model.COMPILE_MODES)
 
 
 VARIANTS = {
@@ -70,7 +72,7 @@ VARIANTS = {
                                          compile_mode="reduce-overhead"),
 }
 REFERENCE = "stock_fp32"
-DEFAULT_QUALITY_VARIANTS = ("stock_fp32", "stock_fp32_seed2", "ours_bf16", "ours_bf16_compiled")
+DEFAULT_QUALITY_VARIANTS = ("stock_fp32", "stock_fp32_seed2", "ours_bf16", "ours_bf16_compiled_graphs")
 # Throughput timing: warm-up steps, then windows of steps between two device events.
 WARMUP_STEPS = 5
 TIMED_WINDOWS = 5
@@ -110,16 +112,12 @@ def make_train_step(model: torch.nn.Module, variant: Variant, lr: float, clip: f
 
     loss_func = PITLossWrapper(pairwise_neg_sisdr, pit_from="pw_mtx")
     optimizer = optimizer_for(variant.impl, model.parameters(), lr)
-    if hasattr(model, "impl"):
-        model.depthwise = variant.depthwise
-        if variant.compiled:
-            # Plain torch operators (what ours runs on GPUs anyway): the CPU path's autograd
-            # functions and C kernels break dynamo's graphs.
-            model.impl = "autograd"
-    forward = torch.compile(model, mode=variant.compile_mode) if variant.compiled else model
-    # CUDA graphs replay into the same output buffers: each step must say it is a new one.
-    new_graph_step = (torch.compiler.cudagraph_mark_step_begin
-                      if variant.compile_mode == "reduce-overhead" else lambda: None)
+    if variant.compiled:   # as train.py --compile true does
+        new_graph_step = compile_in_place(model, variant.compile_mode, variant.depthwise)
+    else:
+        new_graph_step = lambda: None  # noqa: E731
+        if hasattr(model, "impl"):
+            model.depthwise = variant.depthwise
     model.train()
 
     def step(mixture: torch.Tensor, sources: torch.Tensor) -> torch.Tensor:
@@ -127,7 +125,7 @@ def make_train_step(model: torch.nn.Module, variant: Variant, lr: float, clip: f
         optimizer.zero_grad(set_to_none=True)
         with matmul_precision(variant):
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=variant.bf16):
-                estimates = forward(mixture)
+                estimates = model(mixture)
             loss = loss_func(estimates.float(), sources)
             loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), clip, foreach=True)

@@ -3,6 +3,7 @@ time budget, bad batches, and the CPU preset."""
 from __future__ import annotations
 
 import json
+import shutil
 import warnings
 from pathlib import Path
 
@@ -13,6 +14,8 @@ import soundfile as sf
 import torch
 from asteroid.models import ConvTasNet
 
+import fast_tasnet
+import train as train_module
 from conftest import TINY_MODEL
 from model import load_best_model, make_model
 from train import BadBatchWarning, BirdSystem, main, resolve_precision, train
@@ -223,3 +226,52 @@ def test_compile_without_a_gpu_is_ignored_with_a_warning(tiny_conf, tiny_data, t
     with pytest.warns(UserWarning, match="--compile true: ignored"):
         train(tiny_conf, tiny_data, tmp_path / "exp")
     assert (tmp_path / "exp" / "best_model.pth").is_file()
+
+
+@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
+                    reason="torch.compile's CPU backend needs a C++ compiler")
+def test_compile_with_cuda_graphs_marks_each_step_and_keeps_asteroids_checkpoints(
+        tiny_conf, tiny_data, tmp_path, monkeypatch):
+    # What --compile true runs on a GPU, here on CPU (where mode "reduce-overhead" compiles
+    # without CUDA graphs): the model compiled in place with the shifted depthwise form, each
+    # training and validation step marked as a new graph step.
+    marks = []
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(1))
+    monkeypatch.setattr(train_module, "_trains_on_cuda", lambda accelerator: True)
+
+    def no_conv(*args):
+        raise AssertionError("the compiled model ran the F.conv1d depthwise form")
+
+    monkeypatch.setitem(fast_tasnet.DEPTHWISE_FORMS, "conv", no_conv)
+    tiny_conf["training"].update(compile=True, compile_mode="reduce-overhead", precision="32-true")
+    best = train(tiny_conf, tiny_data, tmp_path / "exp")
+    # 2 training steps, the sanity check's validation batch and the epoch's.
+    assert len(marks) == N_TRAIN // BATCH + 2
+    ConvTasNet.from_pretrained(str(best))   # asteroid's keys, no "_orig_mod." prefix
+
+
+def test_unknown_compile_settings_are_refused(tiny_conf, tiny_data, tmp_path):
+    tiny_conf["training"].update(compile=True, compile_mode="fastest")
+    with pytest.raises(ConfError, match="--compile_mode 'fastest': expected one of default"):
+        train(tiny_conf, tiny_data, tmp_path / "exp")
+    tiny_conf["training"].update(compile="sometimes", compile_mode="default")
+    with pytest.raises(ConfError, match="--compile 'sometimes': expected one of auto, true, false"):
+        train(tiny_conf, tiny_data, tmp_path / "exp")
+
+
+@pytest.mark.parametrize("setting, on_cuda, world_size, compiled", [
+    ("auto", True, 1, True), ("auto", True, 2, False), ("auto", False, 1, False),
+    ("true", True, 2, True), (True, True, 1, True), ("false", True, 1, False),
+    (False, True, 1, False)])
+def test_compile_setting_decides_where_the_model_is_compiled(setting, on_cuda, world_size, compiled,
+                                                             tiny_conf, monkeypatch):
+    calls = []
+    monkeypatch.setattr(train_module, "_trains_on_cuda", lambda accelerator: on_cuda)
+    monkeypatch.setattr(train_module, "compile_in_place",
+                        lambda model, mode: calls.append(mode) or (lambda: None))
+    with warnings.catch_warnings(), torch._dynamo.config.patch(suppress_errors=False):
+        warnings.simplefilter("error")   # no "ignored" warning unless true was asked for on CPU
+        hook = train_module._compile(make_model(tiny_conf), setting, "auto", world_size, "default")
+        # Only "auto" falls back to eager training when the compiler fails.
+        assert torch._dynamo.config.suppress_errors == (compiled and setting == "auto")
+    assert calls == (["default"] if compiled else []) and (hook is not None) == compiled
