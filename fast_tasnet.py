@@ -50,10 +50,12 @@ Speed and parity figures: `python -m local.benchmark`.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import platform
 import threading
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -602,6 +604,23 @@ def _gln_output_gemms(q, rstd, mean, w_out, b_out, n_res, x, skip, gemm=None):
         for i in range(batch):
             _addmm_(skip_out[i], q[i], w_skip_t, gemm, alpha=scales[i])
     return x_out, skip_out
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 in hardware (x86's AVX512_BF16 or AMX-BF16, read from
+    Linux's /proc/cpuinfo). False elsewhere: other CPUs emulate bf16, not measured here."""
+    try:
+        return _lists_bf16_flag(Path("/proc/cpuinfo").read_text())
+    except OSError:
+        return False
+
+
+def _lists_bf16_flag(cpuinfo: str) -> bool:
+    for line in cpuinfo.splitlines():
+        if line.startswith("flags"):
+            return bool({"avx512_bf16", "amx_bf16"} & set(line.partition(":")[2].split()))
+    return False
 
 
 def _cpu_bf16_autocast() -> bool:

@@ -46,7 +46,7 @@ from local.data_layouts import DataLayoutError, open_split
 from model import check_compile_mode, compile_in_place, make_model_and_optimizer
 from utils.allocator import keep_freed_memory
 from utils.atomic import atomic_path, atomic_write_text
-from utils.config import Conf, ConfError, parse_stage_args, read_conf, write_conf
+from utils.config import Conf, ConfError, auto_setting, parse_stage_args, read_conf, write_conf
 from utils.stage_marker import clear_done, is_done, mark_done
 
 # Keys that may differ between a run and its resumption: how long and on what hardware to train.
@@ -54,8 +54,6 @@ from utils.stage_marker import clear_done, is_done, mark_done
 RESUMABLE_KEYS = {"implementation", "epochs", "max_minutes", "early_stop", "patience", "num_workers", "num_threads",
                   "accelerator", "devices", "strategy", "precision", "save_top_k",
                   "checkpoint_every_n_steps", "max_bad_batches", "compile", "compile_mode"}
-# conf `training.compile`: "auto" compiles when training on one CUDA GPU.
-COMPILE_SETTINGS = ("auto", "true", "false")
 # The conf sections this stage reads (besides common.seed and clips.sample_rate).
 TRAINING_SECTIONS = ("model", "training", "optim")
 # Training steps between two checks of the losses for NaN/inf when the optimizer skips bad
@@ -278,9 +276,7 @@ def _compile(model: torch.nn.Module, setting: Any, accelerator: str, world_size:
     """torch.compile the model in place (model.compile_in_place) as the conf's `compile` says:
     "auto" on one CUDA GPU, "true" on CUDA, never on CPU. Returns the per-step hook (see
     BirdSystem), or None where the model stays eager."""
-    setting = str(setting).lower()   # an older conf's true/false (YAML booleans) reads the same
-    if setting not in COMPILE_SETTINGS:
-        raise ConfError(f"--compile {setting!r}: expected one of {', '.join(COMPILE_SETTINGS)}")
+    setting = auto_setting("--compile", setting)
     check_compile_mode(mode)
     on_cuda = _trains_on_cuda(accelerator)
     if setting == "true" and not on_cuda:

@@ -12,6 +12,7 @@ from asteroid.models import ConvTasNet
 
 from conftest import TINY_MODEL
 
+import fast_tasnet
 import separate
 from separate import (OverlapAddSeparator, SeparationFailures, StreamingResampler,
                       separate_array, separate_files)
@@ -195,3 +196,36 @@ def test_bf16_separation_is_close_to_float32(tmp_path, repo_root):
         outputs[flag] = np.stack([sf.read(str(out_dir / f"rec_s{k}.wav"))[0] for k in (1, 2)])
     difference = np.linalg.norm(outputs["true"] - outputs["false"]) / np.linalg.norm(outputs["false"])
     assert 0 < difference < 3e-2   # bf16 products were used, and changed little
+
+
+@pytest.mark.parametrize("setting, device, native, expected", [
+    ("auto", "cpu", True, True), ("auto", "cpu", False, False), ("auto", "cuda", True, False),
+    ("true", "cpu", False, True), (True, "cuda", False, True), ("false", "cpu", True, False),
+    (False, "cpu", True, False)])
+def test_bf16_auto_means_cpus_with_bf16_instructions(setting, device, native, expected, monkeypatch):
+    monkeypatch.setattr(separate, "cpu_has_native_bf16", lambda: native)
+    assert separate.use_bf16(setting, device) is expected
+
+
+def test_bf16_flags_are_read_from_cpuinfo():
+    zen4 = "processor\t: 0\nflags\t\t: fpu avx512f avx512_bf16 avx512_vnni\nbugs\t\t: sysret_ss_attrs\n"
+    sapphire_rapids = "flags\t\t: fpu avx512f amx_bf16 amx_tile\n"
+    skylake = "flags\t\t: fpu avx512f avx512bw avx512vl\n"
+    assert fast_tasnet._lists_bf16_flag(zen4) and fast_tasnet._lists_bf16_flag(sapphire_rapids)
+    assert not fast_tasnet._lists_bf16_flag(skylake) and not fast_tasnet._lists_bf16_flag("")
+
+
+def test_separate_says_which_precision_ran_and_refuses_an_unknown_setting(tmp_path, repo_root,
+                                                                          monkeypatch, capsys):
+    exp = save_experiment(tmp_path / "exp", tiny_model(), repo_root)
+    sf.write(tmp_path / "rec.wav", birdlike(1.0, SR), SR, subtype="FLOAT")
+    argv = ["--conf", str(repo_root / "conf.yml"), "--exp", str(exp), "--out_dir",
+            str(tmp_path / "out"), "--device", "cpu", str(tmp_path / "rec.wav")]
+    monkeypatch.setattr(separate, "cpu_has_native_bf16", lambda: True)
+    assert separate.main(argv) == 0   # conf.yml's default: auto
+    assert "(bf16 products)" in capsys.readouterr().out
+    monkeypatch.setattr(separate, "cpu_has_native_bf16", lambda: False)
+    assert separate.main(argv) == 0
+    assert "(float32 products)" in capsys.readouterr().out
+    assert separate.main(argv + ["--bf16", "maybe"]) == 2
+    assert "--bf16 'maybe': expected one of auto, true, false" in capsys.readouterr().err

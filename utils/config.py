@@ -166,6 +166,18 @@ def parse_stage_args(description: str, argv: Sequence[str] | None = None,
     return args, conf
 
 
+AUTO_SETTINGS = ("auto", "true", "false")
+
+
+def auto_setting(option: str, value: Any) -> str:
+    """A conf value that is auto, true or false, as one of AUTO_SETTINGS (a YAML boolean from an
+    older conf, or `--option true` over a default of auto, reads the same)."""
+    setting = str(value).lower()
+    if setting not in AUTO_SETTINGS:
+        raise ConfError(f"{option} {value!r}: expected one of {', '.join(AUTO_SETTINGS)}")
+    return setting
+
+
 def write_conf(conf: Conf, path: str | Path) -> None:
     """Write a resolved conf atomically."""
     from utils.atomic import atomic_write_text
