@@ -53,6 +53,7 @@ from typing import Any, Callable, Iterator, Optional
 import numpy as np
 import torch
 
+from separate import use_bf16
 from utils.allocator import keep_freed_memory
 from utils.config import Conf, ConfError, parse_stage_args, read_conf
 
@@ -612,6 +613,13 @@ def run_benchmark(conf: Conf, preset_conf: Conf, *, quick: bool = False,
                                             / results["rtf_thesis_ours_bf16"])
     log(f"  ours under bf16 autocast: RTF {results['rtf_thesis_ours_bf16']:.3f} -> "
         f"{results['infer_speedup_thesis_bf16']:.2f}x stock (float32)")
+    # What separate.py runs by default on this machine (conf separation.bf16, auto: bf16 on a
+    # CPU with bf16 instructions).
+    bf16_default = results["separation_bf16"] = use_bf16(conf["separation"]["bf16"], "cpu")
+    results["infer_speedup_thesis_separation"] = results[
+        "infer_speedup_thesis_bf16" if bf16_default else "infer_speedup_thesis"]
+    log(f"  separate.py's default here: {'bf16' if bf16_default else 'float32'} products -> "
+        f"{results['infer_speedup_thesis_separation']:.2f}x stock (float32)")
     if default_malloc:
         _stock_with_default_malloc(results, "infer_thesis", "rtf", results["rtf_thesis_ours"],
                                    infer_base, run_case, log)
@@ -734,7 +742,8 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     print(f"summary: training {results['train_speedup_thesis']:.2f}x (thesis), "
           f"{results['train_speedup_preset']:.2f}x (preset); inference RTF "
           f"{results['rtf_thesis_ours']:.3f} vs {results['rtf_thesis_stock']:.3f} "
-          f"({results['infer_speedup_thesis']:.2f}x); SDR eval {results['eval_sdr_speedup']:.1f}x; "
+          f"({results['infer_speedup_thesis']:.2f}x; separate.py's default "
+          f"{results['infer_speedup_thesis_separation']:.2f}x); SDR eval {results['eval_sdr_speedup']:.1f}x; "
           f"parity {'ok' if results['parity_ok'] else 'FAILED'}")
     return results
 

@@ -13,6 +13,7 @@ import fast_tasnet
 from fast_tasnet import FastConvTasNet, masker_supported
 from local import benchmark
 from model import model_kwargs
+import separate
 from utils.config import read_conf, write_conf
 
 # A little deeper than TINY_MODEL so that dilations reach past the frames of the short inputs
@@ -290,6 +291,10 @@ def test_benchmark_quick_run_writes_the_figures(conf, tmp_path):
     for name in ("stock", "fast", "fast_bf16"):     # rounds of fresh processes, medians
         infer = figures["cases"][f"infer_thesis_{name}"]
         assert len(infer["rtf_rounds"]) == 2 and infer["rtf"] == sum(infer["rtf_rounds"]) / 2
+    # separate.py's default precision on this machine, and its ratio.
+    default = "infer_speedup_thesis_bf16" if figures["separation_bf16"] else "infer_speedup_thesis"
+    assert figures["separation_bf16"] == separate.use_bf16("auto", "cpu")
+    assert figures["infer_speedup_thesis_separation"] == figures[default]
 
 
 def test_benchmark_case_runs_in_a_fresh_process(conf, tmp_path):

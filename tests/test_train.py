@@ -275,3 +275,27 @@ def test_compile_setting_decides_where_the_model_is_compiled(setting, on_cuda, w
         # Only "auto" falls back to eager training when the compiler fails.
         assert torch._dynamo.config.suppress_errors == (compiled and setting == "auto")
     assert calls == (["default"] if compiled else []) and (hook is not None) == compiled
+
+
+def test_auto_compile_falls_back_to_eager_training_when_the_compiler_fails(
+        tiny_conf, tiny_data, tmp_path, monkeypatch):
+    # As on a GPU that Triton cannot build for: the backend raises at the first forward.
+    import torch._inductor.compile_fx as inductor
+
+    attempts = []
+
+    def failing_backend(*args, **kwargs):
+        attempts.append(1)
+        raise RuntimeError("Found no GPU that Triton can build for")
+
+    monkeypatch.setattr(inductor, "compile_fx", failing_backend)
+    monkeypatch.setattr(train_module, "_trains_on_cuda", lambda accelerator: True)
+    tiny_conf["training"].update(compile="auto", precision="32-true")
+    try:
+        with torch._dynamo.config.patch(suppress_errors=False):
+            best = train(tiny_conf, tiny_data, tmp_path / "exp")
+    finally:
+        torch._dynamo.reset()
+    assert attempts   # compilation was tried, failed, and training went on eagerly
+    assert last_checkpoint(tmp_path / "exp")["global_step"] == N_TRAIN // BATCH
+    ConvTasNet.from_pretrained(str(best))
