@@ -291,6 +291,7 @@ def test_auto_compile_falls_back_to_eager_training_when_the_compiler_fails(
     monkeypatch.setattr(inductor, "compile_fx", failing_backend)
     monkeypatch.setattr(train_module, "_trains_on_cuda", lambda accelerator: True)
     tiny_conf["training"].update(compile="auto", precision="32-true")
+    torch._dynamo.reset()   # graphs compiled by earlier tests would be reused, not compiled
     try:
         with torch._dynamo.config.patch(suppress_errors=False):
             best = train(tiny_conf, tiny_data, tmp_path / "exp")
