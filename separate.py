@@ -315,7 +315,7 @@ def separate_file(model: torch.nn.Module, path: str | Path, out_dir: str | Path,
 
 def use_bf16(setting: bool | str, device: str) -> bool:
     """Whether to separate with bf16 matrix products: `setting` true, or auto on a CPU with bf16
-    instructions (fast_tasnet.cpu_has_native_bf16; there the thesis model separates about 1.3x
+    instructions (fast_tasnet.cpu_has_native_bf16; there the thesis model separates about 1.4x
     faster, and a trained model's SI-SNRi on BSD-2mix test moved by 0.002 dB). On GPUs auto
     stays float32: inference is not what costs there (README, Speed)."""
     setting = auto_setting("--bf16", setting)
