@@ -54,6 +54,9 @@ from utils.stage_marker import clear_done, is_done, mark_done
 RESUMABLE_KEYS = {"implementation", "epochs", "max_minutes", "early_stop", "patience", "num_workers", "num_threads",
                   "accelerator", "devices", "strategy", "precision", "save_top_k",
                   "checkpoint_every_n_steps", "max_bad_batches", "compile", "compile_mode"}
+# Of those, the ones that say where and how a run trains, not what it learns or for how long: a
+# finished run stays finished when only they change (another machine, more workers, compiled).
+PLATFORM_KEYS = RESUMABLE_KEYS - {"epochs", "max_minutes", "early_stop", "patience"}
 # The conf sections this stage reads (besides common.seed and clips.sample_rate).
 TRAINING_SECTIONS = ("model", "training", "optim")
 # Training steps between two checks of the losses for NaN/inf when the optimizer skips bad
@@ -202,8 +205,10 @@ def _training_settings(conf: Conf) -> dict[str, Any]:
 
 
 def _training_params(conf: Conf, data_dir: str | Path) -> dict[str, Any]:
-    """What a finished run is identified by (its done-marker): its settings and data."""
-    return {"data_dir": str(Path(data_dir).resolve()), **_training_settings(conf)}
+    """What a finished run is identified by (its done-marker): its data and settings, less the
+    platform ones."""
+    settings = {k: v for k, v in _training_settings(conf).items() if k not in PLATFORM_KEYS}
+    return {"data_dir": str(Path(data_dir).resolve()), **settings}
 
 
 def _check_resumable(old_conf: Conf, conf: Conf, exp_dir: Path) -> None:

@@ -116,9 +116,12 @@ def test_train_writes_exp_layout_resumes_and_skips_when_done(tiny_conf, tiny_dat
     assert resumed["step"].min() >= N_TRAIN // BATCH - 1
     assert best_model_infos(exp_dir)["epochs_trained"] == 2
 
-    # Same conf again: finished, nothing touched.
+    # Same conf again: finished, nothing touched; also where only platform settings differ.
     mtime = (exp_dir / "checkpoints" / "last.ckpt").stat().st_mtime_ns
     main(argv + ["--epochs", "2"])
+    assert "already trained" in capsys.readouterr().out
+    main(argv + ["--epochs", "2", "--num_workers", "1", "--compile", "false",
+                 "--checkpoint_every_n_steps", "5"])
     assert "already trained" in capsys.readouterr().out
     assert (exp_dir / "checkpoints" / "last.ckpt").stat().st_mtime_ns == mtime
 
