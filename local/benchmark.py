@@ -53,7 +53,6 @@ from typing import Any, Callable, Iterator, Optional
 import numpy as np
 import torch
 
-from separate import use_bf16
 from utils.allocator import keep_freed_memory
 from utils.config import Conf, ConfError, parse_stage_args, read_conf
 
@@ -614,7 +613,9 @@ def run_benchmark(conf: Conf, preset_conf: Conf, *, quick: bool = False,
     log(f"  ours under bf16 autocast: RTF {results['rtf_thesis_ours_bf16']:.3f} -> "
         f"{results['infer_speedup_thesis_bf16']:.2f}x stock (float32)")
     # What separate.py runs by default on this machine (conf separation.bf16, auto: bf16 on a
-    # CPU with bf16 instructions).
+    # CPU with bf16 instructions). Imported here, not in every case's fresh process.
+    from separate import use_bf16
+
     bf16_default = results["separation_bf16"] = use_bf16(conf["separation"]["bf16"], "cpu")
     results["infer_speedup_thesis_separation"] = results[
         "infer_speedup_thesis_bf16" if bf16_default else "infer_speedup_thesis"]

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -37,3 +38,30 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+# torch.compile's CPU backend builds C++: tests that compile need a compiler.
+needs_cxx = pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
+                               reason="torch.compile's CPU backend needs a C++ compiler")
+
+
+@pytest.fixture
+def fresh_dynamo():
+    """No graphs compiled by an earlier test are reused (each test compiles its own), and
+    none are left to later tests."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+@pytest.fixture
+def shifted_depthwise_only(monkeypatch, fresh_dynamo):
+    """Compiled code must run the shifted depthwise form: the F.conv1d form raises."""
+    import fast_tasnet
+
+    def no_conv(*args):
+        raise AssertionError("the compiled model ran the F.conv1d depthwise form")
+
+    monkeypatch.setitem(fast_tasnet.DEPTHWISE_FORMS, "conv", no_conv)

@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 
 import pytest
 
-import fast_tasnet
-from conftest import TINY_MODEL
+from conftest import TINY_MODEL, needs_cxx
 from local.benchmark_gpu import run_gpu_benchmark
 from test_train import write_tiny_bsd
 from utils.config import read_conf
@@ -55,15 +53,11 @@ def test_gpu_benchmark_refuses_unknown_variants(tiny_conf):
                           log=lambda _: None)
 
 
-@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
-                    reason="torch.compile's CPU backend needs a C++ compiler")
-def test_compiled_variant_with_shifted_depthwise_and_cuda_graphs_trains(tiny_conf, monkeypatch):
+@needs_cxx
+def test_compiled_variant_with_shifted_depthwise_and_cuda_graphs_trains(tiny_conf,
+                                                                          shifted_depthwise_only):
     # On CPU, mode "reduce-overhead" compiles without CUDA graphs; the variant's training
     # loop (a new graph step per training step) and the shifted depthwise form run compiled.
-    def no_conv(*args):
-        raise AssertionError("the variant ran the F.conv1d depthwise form")
-
-    monkeypatch.setitem(fast_tasnet.DEPTHWISE_FORMS, "conv", no_conv)
     results = run_gpu_benchmark(
         tiny_conf, variants=(), quality_variants=("stock_fp32", "ours_bf16_compiled_graphs"),
         quality_steps=6, infer_seconds=0, timing=(1, 1, 1), log=lambda _: None)

@@ -3,7 +3,6 @@ time budget, bad batches, and the CPU preset."""
 from __future__ import annotations
 
 import json
-import shutil
 import warnings
 from pathlib import Path
 
@@ -14,9 +13,8 @@ import soundfile as sf
 import torch
 from asteroid.models import ConvTasNet
 
-import fast_tasnet
 import train as train_module
-from conftest import TINY_MODEL
+from conftest import TINY_MODEL, needs_cxx
 from model import load_best_model, make_model
 from train import BadBatchWarning, BirdSystem, main, resolve_precision, train
 from utils.config import ConfError, read_conf, write_conf
@@ -231,21 +229,15 @@ def test_compile_without_a_gpu_is_ignored_with_a_warning(tiny_conf, tiny_data, t
     assert (tmp_path / "exp" / "best_model.pth").is_file()
 
 
-@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
-                    reason="torch.compile's CPU backend needs a C++ compiler")
+@needs_cxx
 def test_compile_with_cuda_graphs_marks_each_step_and_keeps_asteroids_checkpoints(
-        tiny_conf, tiny_data, tmp_path, monkeypatch):
+        tiny_conf, tiny_data, tmp_path, monkeypatch, shifted_depthwise_only):
     # What --compile true runs on a GPU, here on CPU (where mode "reduce-overhead" compiles
     # without CUDA graphs): the model compiled in place with the shifted depthwise form, each
     # training and validation step marked as a new graph step.
     marks = []
     monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(1))
     monkeypatch.setattr(train_module, "_trains_on_cuda", lambda accelerator: True)
-
-    def no_conv(*args):
-        raise AssertionError("the compiled model ran the F.conv1d depthwise form")
-
-    monkeypatch.setitem(fast_tasnet.DEPTHWISE_FORMS, "conv", no_conv)
     tiny_conf["training"].update(compile=True, compile_mode="reduce-overhead", precision="32-true")
     best = train(tiny_conf, tiny_data, tmp_path / "exp")
     # 2 training steps, the sanity check's validation batch and the epoch's.
@@ -281,7 +273,7 @@ def test_compile_setting_decides_where_the_model_is_compiled(setting, on_cuda, w
 
 
 def test_auto_compile_falls_back_to_eager_training_when_the_compiler_fails(
-        tiny_conf, tiny_data, tmp_path, monkeypatch):
+        tiny_conf, tiny_data, tmp_path, monkeypatch, fresh_dynamo):
     # As on a GPU that Triton cannot build for: the backend raises at the first forward.
     import torch._inductor.compile_fx as inductor
 
@@ -294,12 +286,8 @@ def test_auto_compile_falls_back_to_eager_training_when_the_compiler_fails(
     monkeypatch.setattr(inductor, "compile_fx", failing_backend)
     monkeypatch.setattr(train_module, "_trains_on_cuda", lambda accelerator: True)
     tiny_conf["training"].update(compile="auto", precision="32-true")
-    torch._dynamo.reset()   # graphs compiled by earlier tests would be reused, not compiled
-    try:
-        with torch._dynamo.config.patch(suppress_errors=False):
-            best = train(tiny_conf, tiny_data, tmp_path / "exp")
-    finally:
-        torch._dynamo.reset()
+    with torch._dynamo.config.patch(suppress_errors=False):
+        best = train(tiny_conf, tiny_data, tmp_path / "exp")
     assert attempts   # compilation was tried, failed, and training went on eagerly
     assert last_checkpoint(tmp_path / "exp")["global_step"] == N_TRAIN // BATCH
     ConvTasNet.from_pretrained(str(best))
