@@ -26,8 +26,8 @@ from tqdm import tqdm
 
 from local.bsd_dataset import BSDDataset
 from local.data_layouts import DataLayoutError, open_split, split_fingerprint
-from local.metrics import (ORACLE_MASKS, SDR_BACKENDS, oracle_estimates, score_estimates,
-                           stft_sizes)
+from local.metrics import (ORACLE_MASKS, SDR_BACKENDS, level_over_background_db,
+                           oracle_estimates, score_estimates, stft_sizes)
 from model import load_best_model
 from utils.allocator import keep_freed_memory
 from utils.atomic import atomic_path, atomic_write_text
@@ -42,6 +42,8 @@ SOURCE_INFO_COLUMNS = ("clip_id", "recording_id", "species", "snr_db")
 SUMMARY_METRICS = ("input_si_sdr", "si_sdr", "si_sdr_imp", "input_sdr", "sdr", "sdr_imp")
 ORACLE_SUMMARY_METRICS = ("si_sdr", "si_sdr_imp", "sdr", "sdr_imp")
 ORACLE_TITLES = {"ibm": "IBM", "irm": "IRM", "wiener": "Wiener"}
+# Bins (dB) of a reference's level over its own background, for the breakdown.
+BACKGROUND_BINS = (-np.inf, 6.0, 10.0, 15.0, 20.0, np.inf)
 
 Separator = Callable[[torch.Tensor], np.ndarray]
 
@@ -63,7 +65,9 @@ def _device() -> torch.device:
 
 
 def _eval_settings(conf: Conf) -> dict:
-    settings = dict(conf["evaluation"])
+    """The conf's evaluation section; keys added to the recipe since an experiment was trained
+    (its conf.yml lacks them) take conf.yml's defaults."""
+    settings = {**read_conf(REPO_ROOT / "conf.yml")["evaluation"], **conf["evaluation"]}
     if settings["sdr_backend"] not in SDR_BACKENDS:
         raise ConfError(f"--sdr_backend: '{settings['sdr_backend']}' is not one of "
                         f"{', '.join(SDR_BACKENDS)}")
@@ -77,8 +81,10 @@ def _dataset_description(csv_path: Path) -> dict:
             "dataset": json.loads(info_path.read_text()) if info_path.is_file() else None}
 
 
-def _utterance_row(row: pd.Series, n_src: int, sample_rate: int, scores: dict) -> dict:
-    """One line of the per-utterance table: ids, per-source and utterance-mean metrics."""
+def _utterance_row(row: pd.Series, n_src: int, sample_rate: int, scores: dict,
+                   references: np.ndarray) -> dict:
+    """One line of the per-utterance table: ids, each reference's level over its own
+    background, per-source and utterance-mean metrics."""
     out = {"mixture_id": str(row["mixture_id"]), "length": int(row["length"]),
            "duration_s": int(row["length"]) / sample_rate}
     for k in range(1, n_src + 1):
@@ -86,6 +92,8 @@ def _utterance_row(row: pd.Series, n_src: int, sample_rate: int, scores: dict) -
             column = f"source_{k}_{info}"
             if column in row.index:
                 out[column] = row[column]
+        out[f"source_{k}_level_over_background_db"] = level_over_background_db(
+            references[k - 1], sample_rate)
     for metric in ("si_sdr", "sdr"):
         for k in range(n_src):
             out[f"source_{k + 1}_input_{metric}"] = float(scores["input"][metric][k])
@@ -174,12 +182,45 @@ def _score_split(dataset: BSDDataset, separate: Separator | None, settings: dict
                 raise ValueError(f"{mixture_id}: non-finite mixture or estimates")
             scores = score_estimates(mixture, references, estimates, settings["sdr_backend"],
                                      device)
-            rows.append(_utterance_row(dataset.df.iloc[idx], dataset.n_src, sample_rate, scores))
+            rows.append(_utterance_row(dataset.df.iloc[idx], dataset.n_src, sample_rate, scores,
+                                       references))
             if separate is not None and idx < n_save:
                 aligned = estimates["model"][scores["model"]["perm"]]
                 save_example(examples_dir / mixture_id, mixture, references, aligned,
                              sample_rate, win, hop)
     return pd.DataFrame(rows)
+
+
+def breakdown(df: pd.DataFrame, n_src: int, clean_level_db: float) -> dict:
+    """Where the model's SI-SNRi comes from: per source, by the reference's level over its own
+    background and by species; and the clean yardstick, the mixtures whose every reference
+    stands at least `clean_level_db` above its background (scored against those references,
+    as everywhere), next to the oracle masks on the same mixtures."""
+    per_source = pd.concat([pd.DataFrame({
+        "species": df.get(f"source_{k}_species", pd.Series(["?"] * len(df))),
+        "level_db": df[f"source_{k}_level_over_background_db"],
+        "si_sdr_imp": df[f"source_{k}_si_sdr"] - df[f"source_{k}_input_si_sdr"]})
+        for k in range(1, n_src + 1)], ignore_index=True)
+    bins = pd.cut(per_source["level_db"], BACKGROUND_BINS, right=False)
+    by_level = {str(interval): {"n_sources": int(len(group)),
+                                "si_sdr_imp": float(group["si_sdr_imp"].mean())}
+                for interval, group in per_source.groupby(bins, observed=True)}
+    by_species = {str(name): {"n_sources": int(len(group)),
+                              "si_sdr_imp": float(group["si_sdr_imp"].mean())}
+                  for name, group in per_source.groupby("species")}
+    levels = df[[f"source_{k}_level_over_background_db" for k in range(1, n_src + 1)]]
+    clean = df[levels.min(axis=1) >= clean_level_db]
+    clean_summary: dict = {"clean_level_db": clean_level_db, "n_mixtures": int(len(clean))}
+    if len(clean):
+        clean_summary.update({m: float(clean[m].mean()) for m in ("si_sdr_imp", "sdr_imp")})
+        clean_summary["oracle"] = {name: {m: float(clean[f"{name}_{m}"].mean())
+                                          for m in ("si_sdr_imp", "sdr_imp")}
+                                   for name in ORACLE_MASKS if f"{name}_si_sdr_imp" in clean}
+    return {"correlation_level_si_sdr_imp": float(per_source["level_db"].corr(
+                per_source["si_sdr_imp"])),
+            "median_level_over_background_db": float(per_source["level_db"].median()),
+            "by_level_over_background_db": by_level, "by_species": by_species,
+            "clean": clean_summary}
 
 
 def _sha256(path: Path) -> str:
@@ -237,6 +278,7 @@ def evaluate(conf: Conf, data_dir: str | Path, exp_dir: str | Path) -> dict:
         df.to_csv(tmp, index=False, float_format="%.4f")
 
     metrics = _summary(df, with_model=True, with_oracles=settings["oracles"])
+    metrics["breakdown"] = breakdown(df, n_src, settings["clean_level_db"])
     metrics.update({"checkpoint": str(exp_dir / "best_model.pth"), "split": settings["eval_on"],
                     "n_src": n_src, "sample_rate": sample_rate,
                     "sdr_backend": settings["sdr_backend"], "device": str(device),
@@ -248,6 +290,11 @@ def evaluate(conf: Conf, data_dir: str | Path, exp_dir: str | Path) -> dict:
     if metrics["oracle"]:
         line += " (oracle SI-SNRi " + ", ".join(
             f"{ORACLE_TITLES[name]} {metrics['oracle'][name]['si_sdr_imp']:.2f}" for name in ORACLE_MASKS) + ")"
+    clean = metrics["breakdown"]["clean"]
+    if clean["n_mixtures"]:
+        line += (f"; clean yardstick ({clean['n_mixtures']} mixtures, references >= "
+                 f"{clean['clean_level_db']:g} dB over their background): SI-SNRi "
+                 f"{clean['si_sdr_imp']:.2f} dB, SDRi {clean['sdr_imp']:.2f} dB")
     print(f"{line} -> {eval_dir}")
     mark_done(eval_dir, "eval", marker_params)
     return metrics

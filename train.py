@@ -43,11 +43,14 @@ from torch.utils.data import DataLoader
 
 from local.bsd_dataset import ResumableLoader
 from local.data_layouts import DataLayoutError, open_split
+from local.dynamic_mixing import DynamicMixDataset
+from local.mixtures import MixtureError
 from model import check_compile_mode, compile_in_place, make_model_and_optimizer
 from utils.allocator import keep_freed_memory
 from utils.atomic import atomic_path, atomic_write_text
 from utils.config import Conf, ConfError, auto_setting, parse_stage_args, read_conf, write_conf
 from utils.stage_marker import clear_done, is_done, mark_done
+from utils.training_callbacks import LR_SCHEDULES, BudgetSchedule, LearningCurve, TrainingClock
 
 # Keys that may differ between a run and its resumption: how long and on what hardware to train.
 # Any other difference means a different experiment and is refused.
@@ -243,6 +246,13 @@ def make_train_loader(conf: Conf, data_dir: str | Path, resumable: bool = True) 
     Without it (several processes: Lightning shards the data with its DistributedSampler), a
     plain shuffle."""
     train_set = _open_checked(conf, data_dir, "tr", return_id=True)
+    if conf["training"]["dynamic_mixing"]:
+        # As many mixtures a pass as BSD-{n}mix/tr holds, so epochs (validation, checkpoints,
+        # the schedule) come at the same pace; drawn anew from the tr clips each epoch.
+        t = conf["training"]
+        train_set = DynamicMixDataset(data_dir, conf["model"]["n_src"], conf, t["segment_s"],
+                                      n_items=len(train_set), return_id=True,
+                                      min_source_share=t["min_source_share"])
     batch_size = conf["training"]["batch_size"]
     if len(train_set) < batch_size:
         raise ValueError(f"{train_set.csv_path}: {len(train_set)} mixtures, fewer than one batch "
@@ -298,7 +308,8 @@ def _compile(model: torch.nn.Module, setting: Any, accelerator: str, world_size:
     return compile_in_place(model, mode)
 
 
-def _make_trainer(conf: Conf, exp_dir: Path, n_train_batches: int, precision: str
+def _make_trainer(conf: Conf, exp_dir: Path, n_train_batches: int, precision: str,
+                  extra_callbacks: list[Callback]
                   ) -> tuple[pl.Trainer, ModelCheckpoint, EarlyStopping | None]:
     """Lightning Trainer with the recipe's checkpoints, early stopping, time budget and loggers."""
     t, ckpt_dir = conf["training"], (exp_dir / "checkpoints").resolve()
@@ -315,7 +326,7 @@ def _make_trainer(conf: Conf, exp_dir: Path, n_train_batches: int, precision: st
     refresh = PROGRESS_REFRESH_STEPS_GPU if _trains_on_cuda(t["accelerator"]) else 1
     callbacks: list[Callback] = [best_ckpts, step_ckpts, SaveLastOnTrainEnd(ckpt_dir / "last.ckpt"),
                                  LearningRateMonitor(logging_interval="epoch"),
-                                 TQDMProgressBar(refresh_rate=refresh)]
+                                 TQDMProgressBar(refresh_rate=refresh), *extra_callbacks]
     early_stop = None
     if t["early_stop"]:
         early_stop = EarlyStopping(monitor="val_loss", mode="min", patience=t["patience"], verbose=True)
@@ -332,6 +343,27 @@ def _make_trainer(conf: Conf, exp_dir: Path, n_train_batches: int, precision: st
         log_every_n_steps=max(1, min(50, n_train_batches)),
     )
     return trainer, best_ckpts, early_stop
+
+
+def make_lr_schedule(conf: Conf, optimizer: torch.optim.Optimizer
+                     ) -> tuple[ReduceLROnPlateau | None, list[Callback]]:
+    """The conf's learning-rate schedule: (asteroid System's epoch scheduler, per-step
+    callbacks). "plateau" (the thesis'): halved after `lr_halve_patience` epochs without a
+    better val_loss. "cosine": warm-up, then a cosine down to `lr_final_fraction` of `lr` at
+    the end of the budget (epochs or max_minutes, whichever ends first). "constant": warm-up,
+    then `lr`."""
+    optim, t = conf["optim"], conf["training"]
+    if optim["lr_schedule"] not in LR_SCHEDULES:
+        raise ConfError(f"--lr_schedule {optim['lr_schedule']!r}: expected one of "
+                        f"{', '.join(LR_SCHEDULES)}")
+    if optim["warmup_steps"] < 0 or not 0 <= optim["lr_final_fraction"] <= 1:
+        raise ConfError("--warmup_steps must be >= 0 and --lr_final_fraction in [0, 1]")
+    if optim["lr_schedule"] == "plateau":
+        plateau = ReduceLROnPlateau(optimizer, mode="min", factor=0.5,
+                                    patience=optim["lr_halve_patience"])
+        return plateau, []
+    return None, [BudgetSchedule(optim["lr_schedule"], optim["lr"], optim["warmup_steps"],
+                                 optim["lr_final_fraction"], t["max_minutes"])]
 
 
 def _stop_reason(trainer: pl.Trainer, early_stop: EarlyStopping | None) -> str:
@@ -410,12 +442,14 @@ def train(conf: Conf, data_dir: str | Path, exp_dir: str | Path) -> Path:
     # Lightning refuses to clip the gradients of a fused optimizer under fp16's GradScaler.
     model, optimizer = make_model_and_optimizer(conf, fused=not precision.startswith("16"))
     train_loader, val_loader = _make_loaders(conf, data_dir)
-    trainer, best_ckpts, early_stop = _make_trainer(conf, exp_dir, len(train_loader), precision)
+    scheduler, schedule_callbacks = make_lr_schedule(conf, optimizer)
+    clock = TrainingClock()
+    callbacks = [clock, LearningCurve(exp_dir, clock), *schedule_callbacks]
+    trainer, best_ckpts, early_stop = _make_trainer(conf, exp_dir, len(train_loader), precision,
+                                                    callbacks)
     if trainer.world_size > 1:   # known only now: Lightning's DistributedSampler shards the data
         train_loader, val_loader = _make_loaders(conf, data_dir, resumable=False)
     new_step = _compile(model, t["compile"], t["accelerator"], trainer.world_size, t["compile_mode"])
-    scheduler = ReduceLROnPlateau(optimizer, mode="min", factor=0.5,
-                                  patience=conf["optim"]["lr_halve_patience"])
     system = BirdSystem(model=model, optimizer=optimizer,
                         loss_func=PITLossWrapper(pairwise_neg_sisdr, pit_from="pw_mtx"),
                         train_loader=train_loader, val_loader=val_loader, scheduler=scheduler,
@@ -446,5 +480,5 @@ def main(argv: list[str] | None = None) -> Path:
 if __name__ == "__main__":
     try:
         main()
-    except (ConfError, FileNotFoundError, DataLayoutError) as err:
+    except (ConfError, FileNotFoundError, DataLayoutError, MixtureError) as err:
         sys.exit(f"train.py: {err}")

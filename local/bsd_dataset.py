@@ -17,6 +17,41 @@ def split_csv(data_dir: str | Path, n_src: int, split: str) -> Path:
     return Path(data_dir) / f"BSD-{n_src}mix" / f"{split}.csv"
 
 
+def window_start(sources: np.ndarray, segment: int, min_source_share: float,
+                 rng: np.random.Generator | None) -> int:
+    """Start of a `segment`-sample training window of `sources` (n_src, time) in which every
+    source is heard.
+
+    Bird clips are short and mostly padded or sparse, so a window drawn blindly often holds
+    one source only; its silent reference makes SI-SNR meaningless (the loss then only
+    rewards matching the padding). A window qualifies when it holds at least
+    `min_source_share` of each source's energy; one is drawn with `rng` among those (without
+    `rng`, a fixed window: the one whose worst-covered source is best covered).
+    """
+    n_starts = sources.shape[1] - segment + 1
+    energy = np.concatenate([np.zeros((sources.shape[0], 1)),
+                             np.cumsum(np.square(sources, dtype=np.float64), axis=1)], axis=1)
+    inside = (energy[:, segment:] - energy[:, :n_starts]) / (energy[:, -1:] + 1e-12)
+    worst_share = inside.min(axis=0)
+    if rng is None:
+        return int(worst_share.argmax())
+    candidates = np.flatnonzero(worst_share >= min_source_share)
+    if candidates.size == 0:
+        return int(worst_share.argmax())
+    return int(candidates[rng.integers(candidates.size)])
+
+
+def fit_to_segment(mixture: np.ndarray, sources: np.ndarray, segment: int, start: int
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """The window [start, start + segment) of a mixture and its sources, zero-padded at the end
+    when they are shorter."""
+    mixture, sources = mixture[start:start + segment], sources[:, start:start + segment]
+    if mixture.shape[0] < segment:
+        pad = segment - mixture.shape[0]
+        mixture, sources = np.pad(mixture, (0, pad)), np.pad(sources, ((0, 0), (0, pad)))
+    return mixture, sources
+
+
 class BSDDataset(Dataset):
     """Mixtures and their references.
 
@@ -70,43 +105,19 @@ class BSDDataset(Dataset):
         row = self.df.iloc[idx]
         mixture = self._read(row["mixture_path"], 0, None)
         sources = np.stack([self._read(row[c], 0, None) for c in self.source_columns])
-        if self.segment is not None and mixture.shape[0] > self.segment:
-            # Without a key, a generator seeded from numpy's global one (as DataLoader workers
-            # seed it per epoch).
-            seed = [*draw_key, idx] if draw_key is not None else np.random.randint(2**32)
-            start = self._segment_start(sources, np.random.default_rng(seed))
-            mixture = mixture[start:start + self.segment]
-            sources = sources[:, start:start + self.segment]
-        if self.segment is not None and mixture.shape[0] < self.segment:
-            pad = self.segment - mixture.shape[0]
-            mixture = np.pad(mixture, (0, pad))
-            sources = np.pad(sources, ((0, 0), (0, pad)))
+        if self.segment is not None:
+            start = 0
+            if mixture.shape[0] > self.segment:
+                # Without a key, a generator seeded from numpy's global one (as DataLoader
+                # workers seed it per epoch).
+                seed = [*draw_key, idx] if draw_key is not None else np.random.randint(2**32)
+                start = window_start(sources, self.segment, self.min_source_share,
+                                     np.random.default_rng(seed) if self.random_segments else None)
+            mixture, sources = fit_to_segment(mixture, sources, self.segment, start)
         mixture_t, sources_t = torch.from_numpy(mixture), torch.from_numpy(sources)
         if self.return_id:
             return mixture_t, sources_t, str(row["mixture_id"])
         return mixture_t, sources_t
-
-    def _segment_start(self, sources: np.ndarray, rng: np.random.Generator) -> int:
-        """Start of a training window in which every source is heard.
-
-        Bird clips are short and mostly padded or sparse, so a window drawn blindly often holds
-        one source only; its silent reference makes SI-SNR meaningless (the loss then only
-        rewards matching the padding). A window qualifies when it holds at least
-        `min_source_share` of each source's energy; one is drawn at random among those (or, for
-        fixed windows, the one whose worst-covered source is best covered is taken).
-        """
-        n_starts = sources.shape[1] - self.segment + 1
-        energy = np.concatenate([np.zeros((self.n_src, 1)),
-                                 np.cumsum(np.square(sources, dtype=np.float64), axis=1)], axis=1)
-        inside = (energy[:, self.segment:] - energy[:, :n_starts]) / (energy[:, -1:] + 1e-12)
-        worst_share = inside.min(axis=0)
-        if not self.random_segments:
-            return int(worst_share.argmax())
-        candidates = np.flatnonzero(worst_share >= self.min_source_share)
-        if candidates.size == 0:
-            return int(worst_share.argmax())
-        return int(candidates[rng.integers(candidates.size)])
-
 
 class ShuffledEpochs(Sampler):
     """Training order that a resumed run can take up again: epoch e visits the items in a

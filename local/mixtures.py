@@ -79,11 +79,13 @@ def file_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def load_clips(clips_csv: str | Path, sample_rate: int) -> tuple[pd.DataFrame, dict[str, np.ndarray]]:
+def load_clips(clips_csv: str | Path, sample_rate: int, splits: Sequence[str] | None = None
+               ) -> tuple[pd.DataFrame, dict[str, np.ndarray]]:
     """Read stage 1's clips.csv and decode every clip into memory (the pool is small).
 
     Clips that cannot be decoded are left out with a warning. Returns the usable clips (sorted
-    by clip_id, so that row order in the csv does not matter) and {clip_id: float32 audio}.
+    by clip_id, so that row order in the csv does not matter) and {clip_id: float32 audio};
+    with `splits`, only those splits' clips.
     """
     clips_csv = Path(clips_csv)
     if not clips_csv.is_file():
@@ -95,6 +97,8 @@ def load_clips(clips_csv: str | Path, sample_rate: int) -> tuple[pd.DataFrame, d
         raise MixtureError(f"{clips_csv}: missing columns {sorted(missing)}")
     if clips["clip_id"].duplicated().any():
         raise MixtureError(f"{clips_csv}: duplicate clip_id values")
+    if splits is not None:
+        clips = clips[clips["split"].isin(list(splits))]
     clips = clips.sort_values("clip_id", kind="stable").reset_index(drop=True)
     audio: dict[str, np.ndarray] = {}
     bad: list[str] = []
@@ -145,6 +149,86 @@ def _check_mixture_conf(conf: Conf) -> dict[str, Any]:
     return m
 
 
+class ClipPool:
+    """One split's clips, and the draw of a mixture from them (stage 2 and dynamic mixing
+    draw the same way): clips uniformly, each from a species and recording not yet in the
+    mixture; source 1 at `ref_level_db` dBFS RMS, source k at `ref_level_db + snr_k` with
+    snr_k uniform in [snr_low_db, snr_high_db]; then peak protection."""
+
+    def __init__(self, clips_df: pd.DataFrame, split: str, clip_audio: Mapping[str, np.ndarray],
+                 n_src: int, conf: Conf):
+        self.m = _check_mixture_conf(conf)
+        if n_src < 2:
+            raise MixtureError(f"a mixture needs at least 2 sources, got n_src={n_src}")
+        self.n_src, self.split = n_src, split
+        pool = clips_df[clips_df["split"] == split].reset_index(drop=True)
+        self.species = pool["species"].to_numpy(dtype=object)
+        n_species = len(set(self.species))
+        if n_species < n_src:
+            raise MixtureError(f"split '{split}' has {len(pool)} clips of {n_species} species "
+                               f"({', '.join(sorted(set(self.species))) or 'none'}); "
+                               f"BSD-{n_src}mix needs at least {n_src} species per split (more "
+                               "clips, or split_by/split_fractions that give this split more "
+                               "species)")
+        self.clip_ids = pool["clip_id"].to_numpy(dtype=object)
+        self.recordings = pool["recording_id"].astype(str).to_numpy(dtype=object)
+        self.species_codes = pd.factorize(self.species)[0]
+        self.recording_codes = pd.factorize(self.recordings)[0]
+        self.clips = [clip_audio[c] for c in self.clip_ids]
+        self.clip_lengths = np.array([c.shape[0] for c in self.clips])
+
+    def __len__(self) -> int:
+        return len(self.clips)
+
+    def pick(self, rng: np.random.Generator) -> list[int]:
+        """Clip indices, each from a species and recording not yet in the mixture (fewer than
+        n_src when the pool runs out of such clips)."""
+        chosen: list[int] = []
+        allowed = np.ones(len(self.clips), dtype=bool)
+        for _ in range(self.n_src):
+            candidates = np.flatnonzero(allowed)
+            if candidates.size == 0:
+                break
+            index = int(candidates[rng.integers(candidates.size)])
+            chosen.append(index)
+            allowed &= (self.species_codes != self.species_codes[index]) & \
+                       (self.recording_codes != self.recording_codes[index])
+        return chosen
+
+    def place(self, rng: np.random.Generator, chosen: Sequence[int]
+              ) -> tuple[int, list[int], list[float], np.ndarray] | None:
+        """(length, offsets, snrs, gains) of a mixture of the `chosen` clips, or None when a
+        crop is silent (no level to set)."""
+        m = self.m
+        lengths = self.clip_lengths[list(chosen)]
+        if m["mode"] == "min":
+            length = int(lengths.min())
+            offsets = [int(rng.integers(n - length + 1)) for n in lengths]
+            segments = [self.clips[i][o:o + length] for i, o in zip(chosen, offsets)]
+        else:
+            length = int(lengths.max())
+            offsets = [int(rng.integers(length - n + 1)) for n in lengths]
+            segments = [self.clips[i] for i in chosen]
+        snrs = [0.0] + [float(rng.uniform(m["snr_low_db"], m["snr_high_db"]))
+                        for _ in range(self.n_src - 1)]
+        rms = np.array([np.sqrt(np.mean(np.square(s, dtype=np.float64))) for s in segments])
+        if not np.all(rms > 1e-8):
+            return None
+        gains = 10.0 ** ((float(m["ref_level_db"]) + np.array(snrs)) / 20.0) / rms
+        sources = self.render(chosen, gains, offsets, length)
+        peak = max(float(np.abs(mix(sources)).max()), float(np.abs(sources).max()))
+        max_peak = float(m["max_peak"]) * (1 - PEAK_MARGIN)
+        if peak > max_peak:
+            gains = gains * (max_peak / peak)
+        return length, offsets, snrs, gains
+
+    def render(self, chosen: Sequence[int], gains: Sequence[float], offsets: Sequence[int],
+               length: int) -> np.ndarray:
+        """The scaled references of a placed mixture, float32 (n_src, length)."""
+        return render_sources([self.clips[i] for i in chosen], gains, offsets, length,
+                              self.m["mode"])
+
+
 def make_mixture_metadata(clips_df: pd.DataFrame, n_src: int, split: str, hours: float,
                           conf: Conf, rng: np.random.Generator,
                           clip_audio: Mapping[str, np.ndarray]) -> pd.DataFrame:
@@ -153,26 +237,8 @@ def make_mixture_metadata(clips_df: pd.DataFrame, n_src: int, split: str, hours:
     `clips_df` has stage 1's columns; `clip_audio` maps clip_id to float32 audio at the data
     set's sample rate (levels and peaks are measured on it). Returns the split's csv table.
     """
-    m = _check_mixture_conf(conf)
+    pool = ClipPool(clips_df, split, clip_audio, n_src, conf)
     sample_rate = int(conf["clips"]["sample_rate"])
-    mode, ref_level_db, max_peak = m["mode"], float(m["ref_level_db"]), float(m["max_peak"])
-    if n_src < 2:
-        raise MixtureError(f"a mixture needs at least 2 sources, got n_src={n_src}")
-    pool = clips_df[clips_df["split"] == split].reset_index(drop=True)
-    species = pool["species"].to_numpy(dtype=object)
-    n_species = len(set(species))
-    if n_species < n_src:
-        raise MixtureError(f"split '{split}' has {len(pool)} clips of {n_species} species "
-                           f"({', '.join(sorted(set(species))) or 'none'}); BSD-{n_src}mix needs "
-                           f"at least {n_src} species per split (more clips, or split_by/"
-                           "split_fractions that give this split more species)")
-    clip_ids = pool["clip_id"].to_numpy(dtype=object)
-    recordings = pool["recording_id"].astype(str).to_numpy(dtype=object)
-    species_codes = pd.factorize(species)[0]
-    recording_codes = pd.factorize(recordings)[0]
-    clips = [clip_audio[c] for c in clip_ids]
-    clip_lengths = np.array([c.shape[0] for c in clips])
-
     target_samples = hours * 3600 * sample_rate
     total_samples = 0
     seen: set[tuple[int, ...]] = set()
@@ -183,41 +249,16 @@ def make_mixture_metadata(clips_df: pd.DataFrame, n_src: int, split: str, hours:
             logger.warning("BSD-%dmix %s: clip pool exhausted after %d mixtures (%.2f of %.2f h)",
                            n_src, split, len(rows), total_samples / sample_rate / 3600, hours)
             break
-        # Clip-uniform draw, each clip from a species and recording not yet in the mixture.
-        chosen: list[int] = []
-        allowed = np.ones(len(pool), dtype=bool)
-        for _ in range(n_src):
-            candidates = np.flatnonzero(allowed)
-            if candidates.size == 0:
-                break
-            index = int(candidates[rng.integers(candidates.size)])
-            chosen.append(index)
-            allowed &= (species_codes != species_codes[index]) & \
-                       (recording_codes != recording_codes[index])
+        chosen = pool.pick(rng)
         key = tuple(sorted(chosen))
         if len(chosen) < n_src or key in seen:
+            rejections += 1     # a clip combination is never repeated
+            continue
+        placed = pool.place(rng, chosen)
+        if placed is None:
             rejections += 1
             continue
-        lengths = clip_lengths[chosen]
-        if mode == "min":
-            length = int(lengths.min())
-            offsets = [int(rng.integers(n - length + 1)) for n in lengths]
-            segments = [clips[i][o:o + length] for i, o in zip(chosen, offsets)]
-        else:
-            length = int(lengths.max())
-            offsets = [int(rng.integers(length - n + 1)) for n in lengths]
-            segments = [clips[i] for i in chosen]
-        snrs = [0.0] + [float(rng.uniform(m["snr_low_db"], m["snr_high_db"]))
-                        for _ in range(n_src - 1)]
-        rms = np.array([np.sqrt(np.mean(np.square(s, dtype=np.float64))) for s in segments])
-        if not np.all(rms > 1e-8):
-            rejections += 1  # a silent crop has no level to set
-            continue
-        gains = 10.0 ** ((ref_level_db + np.array(snrs)) / 20.0) / rms
-        sources = render_sources([clips[i] for i in chosen], gains, offsets, length, mode)
-        peak = max(float(np.abs(mix(sources)).max()), float(np.abs(sources).max()))
-        if peak > max_peak * (1 - PEAK_MARGIN):
-            gains = gains * (max_peak * (1 - PEAK_MARGIN) / peak)
+        length, offsets, snrs, gains = placed
         seen.add(key)
         rejections = 0
         mixture_id = f"{split}_{len(rows):06d}"
@@ -227,9 +268,9 @@ def make_mixture_metadata(clips_df: pd.DataFrame, n_src: int, split: str, hours:
             row[f"source_{k}_path"] = f"{split}/s{k}/{mixture_id}.wav"
         row["length"] = length
         for k, (index, gain, snr, offset) in enumerate(zip(chosen, gains, snrs, offsets), start=1):
-            row[f"source_{k}_clip_id"] = clip_ids[index]
-            row[f"source_{k}_recording_id"] = recordings[index]
-            row[f"source_{k}_species"] = species[index]
+            row[f"source_{k}_clip_id"] = pool.clip_ids[index]
+            row[f"source_{k}_recording_id"] = pool.recordings[index]
+            row[f"source_{k}_species"] = pool.species[index]
             row[f"source_{k}_gain"] = float(gain)
             row[f"source_{k}_snr_db"] = snr
             row[f"source_{k}_offset"] = offset

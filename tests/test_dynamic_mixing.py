@@ -1,0 +1,153 @@
+"""Dynamic mixing (local/dynamic_mixing.py), the learning curve and the budget schedules
+(utils/training_callbacks.py) on tiny synthetic clips."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+import soundfile as sf
+import torch
+
+from conftest import TINY_MODEL
+from local.bsd_dataset import ResumableLoader
+from local.dynamic_mixing import DynamicMixDataset
+from local.mixtures import MixtureError
+from test_train import BATCH, N_TRAIN, SAMPLE_RATE, write_tiny_bsd
+from train import make_lr_schedule, train
+from utils.config import ConfError, read_conf
+from utils.training_callbacks import schedule_factor
+
+SPECIES = ("Genus alpha", "Genus beta", "Genus gamma")
+
+
+def write_tiny_clips(data_dir, n_per_species: int = 2, splits=("tr",)) -> pd.DataFrame:
+    """clips/clips.csv and clips/wav/*.wav: chirps of 1-2 s, two recordings per species."""
+    rng = np.random.default_rng(1)
+    wav_dir = data_dir / "clips" / "wav"
+    wav_dir.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for split in splits:
+        for s, species in enumerate(SPECIES):
+            for r in range(n_per_species):
+                n = int(rng.integers(SAMPLE_RATE, 2 * SAMPLE_RATE))
+                t = np.arange(n) / SAMPLE_RATE
+                audio = (0.2 * np.sin(2 * np.pi * (800 + 700 * s + 200 * t) * t)
+                         + 0.01 * rng.standard_normal(n)).astype(np.float32)
+                clip_id = f"XC{s}{r}{split}_000000000_{n:09d}"
+                sf.write(wav_dir / f"{clip_id}.wav", audio, SAMPLE_RATE, subtype="FLOAT")
+                rows.append({"clip_id": clip_id, "recording_id": f"{s}{r}{split}",
+                             "species": species, "english_name": species, "split": split,
+                             "start_s": 0.0, "end_s": n / SAMPLE_RATE, "n_samples": n,
+                             "sample_rate": SAMPLE_RATE, "active_fraction": 1.0,
+                             "path": f"wav/{clip_id}.wav"})
+    clips = pd.DataFrame(rows)
+    clips.to_csv(data_dir / "clips" / "clips.csv", index=False)
+    return clips
+
+
+@pytest.fixture(scope="module")
+def dm_data(tmp_path_factory):
+    data_dir = tmp_path_factory.mktemp("dm_data")
+    write_tiny_bsd(data_dir)
+    write_tiny_clips(data_dir, splits=("tr", "tt"))
+    return data_dir
+
+
+@pytest.fixture
+def dm_conf(repo_root):
+    conf = read_conf(repo_root / "conf.yml")
+    conf["model"].update(TINY_MODEL)
+    conf["training"].update(epochs=1, batch_size=BATCH, num_workers=0, segment_s=1.0,
+                            save_top_k=1, checkpoint_every_n_steps=1, max_minutes=0,
+                            accelerator="cpu", devices=1, dynamic_mixing=True)
+    return conf
+
+
+def test_mixtures_are_drawn_from_seed_epoch_and_index(dm_data, dm_conf):
+    clips = pd.read_csv(dm_data / "clips" / "clips.csv")
+    species_of = dict(zip(clips["clip_id"], clips["species"]))
+    dataset = DynamicMixDataset(dm_data, 2, dm_conf, segment_s=1.0, n_items=8,
+                                min_source_share=0.2, return_id=True)
+    assert len(dataset) == 8 and len(dataset.pool) == 6       # the tr clips only
+    first = [dataset[(i, (17, 0))] for i in range(8)]
+    for mixture, sources, mixture_id in first:
+        assert mixture.shape == (SAMPLE_RATE,) and sources.shape == (2, SAMPLE_RATE)
+        # The references add up to the mixture exactly, and it is protected from clipping.
+        assert torch.equal(mixture, sources.sum(0))
+        assert float(mixture.abs().max()) <= dm_conf["mixtures"]["max_peak"]
+        assert (sources.square().sum(1) > 0).all()
+        clip_ids = mixture_id.removeprefix("dm:").split("+")
+        assert len({species_of[c] for c in clip_ids}) == 2     # two different species
+    again = dataset[(3, (17, 0))]
+    assert torch.equal(again[0], first[3][0]) and again[2] == first[3][2]
+    # Another epoch, another seed: other mixtures.
+    assert not torch.equal(dataset[(3, (17, 1))][0], first[3][0])
+    assert not torch.equal(dataset[(3, (18, 0))][0], first[3][0])
+
+
+def test_a_resumed_loader_goes_on_with_the_same_mixtures(dm_data, dm_conf):
+    def loader():
+        dataset = DynamicMixDataset(dm_data, 2, dm_conf, segment_s=1.0, n_items=8,
+                                    return_id=True)
+        return ResumableLoader(dataset, batch_size=2, seed=17)
+
+    whole = [batch[2] for batch in loader()]
+    interrupted = loader()
+    batches = iter(interrupted)
+    done = [next(batches)[2] for _ in range(2)]
+    state = interrupted.state_dict()
+    resumed = loader()
+    resumed.load_state_dict(state)
+    assert done + [batch[2] for batch in resumed] == whole
+    assert len(set(map(tuple, whole))) == len(whole)
+
+
+def test_too_few_species_or_no_clips_are_clear_errors(tmp_path, dm_conf):
+    with pytest.raises(FileNotFoundError, match="run stage 1"):
+        DynamicMixDataset(tmp_path, 2, dm_conf, segment_s=1.0, n_items=4)
+    write_tiny_clips(tmp_path)
+    with pytest.raises(MixtureError, match="3 species"):
+        DynamicMixDataset(tmp_path, 4, dm_conf, segment_s=1.0, n_items=4)
+
+
+def test_training_with_dynamic_mixing_writes_and_resumes_the_learning_curve(dm_data, dm_conf,
+                                                                           tmp_path):
+    exp_dir = tmp_path / "exp"
+    dm_conf["optim"].update(lr_schedule="cosine", warmup_steps=1)
+    train(dm_conf, dm_data, exp_dir)
+    curve = pd.read_csv(exp_dir / "learning_curve.csv")
+    assert list(curve["epoch"]) == [0] and list(curve["step"]) == [N_TRAIN // BATCH]
+    assert np.isfinite(curve["val_si_snr_db"]).all() and (curve["train_minutes"] > 0).all()
+    assert (exp_dir / "learning_curve.png").stat().st_size > 0
+    dm_conf["training"]["epochs"] = 2
+    train(dm_conf, dm_data, exp_dir)     # resumes: the curve goes on, its clock too
+    curve = pd.read_csv(exp_dir / "learning_curve.csv")
+    assert list(curve["epoch"]) == [0, 1] and curve["train_minutes"].is_monotonic_increasing
+    # The cosine of the 2-epoch budget: lr ends near 0 at its last step.
+    assert curve["lr"].iloc[-1] < 0.5 * dm_conf["optim"]["lr"]
+
+
+def test_schedule_factors():
+    assert schedule_factor("constant", 0.3, step=0, warmup_steps=4, final_fraction=0) == 0.25
+    assert schedule_factor("constant", 0.9, step=10, warmup_steps=4, final_fraction=0) == 1.0
+    assert schedule_factor("cosine", 0.0, step=10, warmup_steps=0, final_fraction=0.1) == 1.0
+    assert schedule_factor("cosine", 0.5, step=10, warmup_steps=0, final_fraction=0.0) == \
+        pytest.approx(0.5)
+    assert schedule_factor("cosine", 1.0, step=10, warmup_steps=0, final_fraction=0.1) == \
+        pytest.approx(0.1)
+    assert schedule_factor("cosine", 3.0, step=10, warmup_steps=0, final_fraction=0.0) == \
+        pytest.approx(0.0)
+    assert math.isclose(schedule_factor("cosine", 0.5, step=1, warmup_steps=4,
+                                        final_fraction=0.0), 0.25)
+
+
+def test_unknown_schedule_is_refused(dm_conf):
+    optimizer = torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))])
+    dm_conf["optim"]["lr_schedule"] = "step"
+    with pytest.raises(ConfError, match="lr_schedule 'step'"):
+        make_lr_schedule(dm_conf, optimizer)
+    dm_conf["optim"].update(lr_schedule="cosine", lr_final_fraction=2.0)
+    with pytest.raises(ConfError, match="lr_final_fraction"):
+        make_lr_schedule(dm_conf, optimizer)

@@ -1,0 +1,144 @@
+"""Lightning callbacks of the recipe's training loop that are not asteroid's: the learning
+curve written to the experiment, and the learning-rate schedules other than plateau halving.
+
+Both keep their state in Lightning's checkpoints (`state_dict`), so a resumed run continues
+the same curve and the same schedule."""
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pytorch_lightning as pl
+from pytorch_lightning.callbacks import Callback, Timer
+
+from utils.atomic import atomic_path
+
+CURVE_COLUMNS = ["epoch", "step", "train_minutes", "val_si_snr_db", "lr"]
+LR_SCHEDULES = ("plateau", "cosine", "constant")
+
+
+class TrainingClock(Callback):
+    """Minutes spent in training steps and validation by this experiment, resumes included
+    (the time between the last checkpoint and a kill is not counted: that work is redone)."""
+
+    def __init__(self) -> None:
+        self.minutes_before = 0.0        # restored from the checkpoint
+        self._started: float | None = None
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._started = time.monotonic()
+
+    def minutes(self) -> float:
+        running = 0.0 if self._started is None else (time.monotonic() - self._started) / 60
+        return self.minutes_before + running
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"minutes": self.minutes()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.minutes_before = float(state["minutes"])
+
+
+class LearningCurve(Callback):
+    """After each validation: epoch, step, training minutes, validation SI-SNR (dB) and the
+    learning rate, appended to `<exp_dir>/learning_curve.csv` and drawn in
+    `learning_curve.png` (against steps and against minutes)."""
+
+    def __init__(self, exp_dir: str | Path, clock: TrainingClock):
+        self.csv_path = Path(exp_dir) / "learning_curve.csv"
+        self.png_path = Path(exp_dir) / "learning_curve.png"
+        self.clock = clock
+        self.rows: list[dict[str, float]] = []
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking or not trainer.is_global_zero:
+            return
+        val_loss = trainer.callback_metrics.get("val_loss")
+        if val_loss is None:
+            return
+        lr = trainer.optimizers[0].param_groups[0]["lr"] if trainer.optimizers else float("nan")
+        self.rows.append({"epoch": int(trainer.current_epoch), "step": int(trainer.global_step),
+                          "train_minutes": round(self.clock.minutes(), 3),
+                          "val_si_snr_db": round(-float(val_loss), 4), "lr": float(lr)})
+        self.write()
+
+    def write(self) -> None:
+        frame = pd.DataFrame(self.rows, columns=CURVE_COLUMNS)
+        with atomic_path(self.csv_path) as tmp:
+            frame.to_csv(tmp, index=False)
+        save_curve_figure(self.png_path, {"": frame})
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"rows": list(self.rows)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.rows = list(state["rows"])
+
+
+def save_curve_figure(path: str | Path, curves: dict[str, pd.DataFrame]) -> None:
+    """PNG of validation SI-SNR against steps (left) and training minutes (right), one line
+    per curve (label -> learning_curve.csv table)."""
+    from matplotlib.figure import Figure  # Agg canvas; no pyplot state, no display needed
+
+    fig = Figure(figsize=(10, 3.6), layout="constrained")
+    by_step, by_minute = fig.subplots(1, 2, sharey=True)
+    for label, frame in curves.items():
+        by_step.plot(frame["step"], frame["val_si_snr_db"], marker=".", label=label or None)
+        by_minute.plot(frame["train_minutes"], frame["val_si_snr_db"], marker=".",
+                       label=label or None)
+    by_step.set_xlabel("training step")
+    by_minute.set_xlabel("training minutes")
+    by_step.set_ylabel("validation SI-SNR (dB)")
+    for ax in (by_step, by_minute):
+        ax.grid(alpha=0.3)
+    if any(curves):
+        by_minute.legend(fontsize=8)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=90)
+
+
+def schedule_factor(schedule: str, progress: float, step: int, warmup_steps: int,
+                    final_fraction: float) -> float:
+    """Multiplier of the base learning rate: a linear warm-up over `warmup_steps`, then
+    constant or a cosine from 1 down to `final_fraction` at `progress` 1 (the end of the
+    budget)."""
+    warmup = min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
+    if schedule == "cosine":
+        p = min(max(progress, 0.0), 1.0)
+        return warmup * (final_fraction + (1 - final_fraction) * 0.5 * (1 + math.cos(math.pi * p)))
+    return warmup
+
+
+class BudgetSchedule(Callback):
+    """Warm-up and cosine decay over the training budget, set before every step.
+
+    Progress is the larger of steps done / (epochs x steps per epoch) and, with a time budget,
+    minutes used / `max_minutes` (Lightning's Timer, restored on resume): the decay ends when
+    the budget that ends first does, on any machine."""
+
+    def __init__(self, schedule: str, base_lr: float, warmup_steps: int, final_fraction: float,
+                 max_minutes: float):
+        if schedule not in LR_SCHEDULES or schedule == "plateau":
+            raise ValueError(f"BudgetSchedule: schedule {schedule!r} is not a per-step one")
+        self.schedule, self.base_lr = schedule, base_lr
+        self.warmup_steps, self.final_fraction = warmup_steps, final_fraction
+        self.max_minutes = max_minutes
+
+    def progress(self, trainer: pl.Trainer) -> float:
+        steps = trainer.max_epochs * trainer.num_training_batches
+        progress = trainer.global_step / steps if steps and math.isfinite(steps) else 0.0
+        timer = next((c for c in trainer.callbacks if isinstance(c, Timer)), None)
+        if timer is not None and self.max_minutes > 0:
+            progress = max(progress, timer.time_elapsed("train") / 60 / self.max_minutes)
+        return progress
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                             batch: Any, batch_idx: int) -> None:
+        factor = schedule_factor(self.schedule, self.progress(trainer), trainer.global_step,
+                                 self.warmup_steps, self.final_fraction)
+        for optimizer in trainer.optimizers:
+            for group in optimizer.param_groups:
+                group["lr"] = self.base_lr * factor
