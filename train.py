@@ -269,7 +269,7 @@ def _trains_on_cuda(accelerator: str) -> bool:
 
 def resolve_precision(precision: str, accelerator: str) -> str:
     """The conf's precision for Lightning: "auto" is bf16-mixed on a CUDA GPU that has bf16 (see
-    local/benchmark_gpu.py), else 32-true (on CPU, bf16 autocast made training steps slower)."""
+    tools/benchmark_gpu.py), else 32-true (on CPU, bf16 autocast made training steps slower)."""
     if precision != "auto":
         return precision
     cuda_bf16 = _trains_on_cuda(accelerator) and torch.cuda.is_bf16_supported()
