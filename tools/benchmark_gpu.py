@@ -264,10 +264,10 @@ def training_batches(conf: Conf, data_dir: Optional[str | Path], n_batches: int,
         return ([make(i) for i in range(n_batches)],
                 [make(10_000 + i) for i in range(max(1, EVAL_MIXTURES // t["batch_size"]))],
                 "synthetic chirps")
-    from train import _make_loaders
+    from train import make_loaders
 
     torch.manual_seed(conf["common"]["seed"])
-    train_loader, val_loader = _make_loaders(conf, data_dir)
+    train_loader, val_loader = make_loaders(conf, data_dir)
     train = _device_batches(train_loader, n_batches, device)
     held_out = _device_batches(val_loader, max(1, EVAL_MIXTURES // t["batch_size"]), device,
                                epochs=1)
