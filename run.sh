@@ -3,7 +3,7 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 # Idle OpenMP threads sleep instead of spinning: on a busy 2-core machine spinning threads
-# made a training step up to 5x slower (measured with local/benchmark.py).
+# made a training step up to 5x slower (measured with tools/benchmark.py).
 export OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-PASSIVE}"
 
 cmdline="$0 $(printf '%q ' "$@")"

@@ -37,7 +37,7 @@ from scipy.optimize import linear_sum_assignment
 from scipy.signal import resample_poly
 from tqdm import tqdm
 
-from fast_tasnet import cpu_has_native_bf16
+from utils.cpu import cpu_has_native_bf16
 from model import load_best_model
 from utils.allocator import keep_freed_memory
 from utils.atomic import atomic_path
@@ -315,7 +315,7 @@ def separate_file(model: torch.nn.Module, path: str | Path, out_dir: str | Path,
 
 def use_bf16(setting: bool | str, device: str) -> bool:
     """Whether to separate with bf16 matrix products: `setting` true, or auto on a CPU with bf16
-    instructions (fast_tasnet.cpu_has_native_bf16; there the thesis model separates about 1.4x
+    instructions (utils.cpu.cpu_has_native_bf16; there the thesis model separates about 1.4x
     faster, and a trained model's SI-SNRi on BSD-2mix test moved by 0.002 dB). On GPUs auto
     stays float32: inference is not what costs there (README, Speed)."""
     setting = auto_setting("--bf16", setting)

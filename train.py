@@ -27,13 +27,11 @@ import time
 import warnings
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any
 
 import pytorch_lightning as pl
 import torch
-from asteroid.engine import System
 from asteroid.losses import PITLossWrapper, pairwise_neg_sisdr
-from asteroid.utils import flatten_dict
 from pytorch_lightning.callbacks import (Callback, EarlyStopping, LearningRateMonitor, ModelCheckpoint,
                                          TQDMProgressBar, Timer)
 from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
@@ -45,12 +43,82 @@ from local.bsd_dataset import ResumableLoader
 from local.data_layouts import DataLayoutError, open_split
 from local.dynamic_mixing import DynamicMixDataset
 from local.mixtures import MixtureError
-from model import check_compile_mode, compile_in_place, make_model_and_optimizer
+from model import make_model_and_optimizer
+from system import BirdSystem, compile_for_training, resolve_precision, trains_on_cuda
 from utils.allocator import keep_freed_memory
 from utils.atomic import atomic_path, atomic_write_text
-from utils.config import Conf, ConfError, auto_setting, parse_stage_args, read_conf, write_conf
+from utils.config import Conf, ConfError, parse_stage_args, read_conf, write_conf
 from utils.stage_marker import clear_done, is_done, mark_done
 from utils.training_callbacks import LR_SCHEDULES, BudgetSchedule, LearningCurve, TrainingClock
+
+
+def train(conf: Conf, data_dir: str | Path, exp_dir: str | Path) -> Path:
+    """Train (or resume training) and return the path of best_model.pth."""
+    started = time.time()
+    exp_dir = Path(exp_dir)
+    last_ckpt = (exp_dir / "checkpoints" / "last.ckpt").resolve()
+    best_model_path = exp_dir / "best_model.pth"
+    t = conf["training"]
+    params = _training_params(conf, data_dir)
+
+    if is_done(exp_dir, "train", params) and best_model_path.is_file():
+        infos = torch.load(best_model_path, map_location="cpu", weights_only=True)["infos"]
+        print(f"train: {exp_dir} already trained with this conf and data ({_summary(infos)}): "
+              "nothing to do")
+        return best_model_path
+    if last_ckpt.is_file() and (exp_dir / "conf.yml").is_file():
+        _check_resumable(read_conf(exp_dir / "conf.yml"), conf, exp_dir)
+    if rank_zero_only.rank == 0:
+        clear_done(exp_dir, "train")
+        write_conf(conf, exp_dir / "conf.yml")
+
+    if t["num_threads"] > 0:
+        torch.set_num_threads(t["num_threads"])
+    # Steps reuse freed activations instead of page-faulting fresh ones (utils/allocator.py).
+    keep_freed_memory()
+    pl.seed_everything(conf["common"]["seed"], workers=True)
+    if torch.cuda.is_available():
+        torch.set_float32_matmul_precision("high")  # TF32 on Ampere and later
+    precision = resolve_precision(t["precision"], t["accelerator"])
+    # Lightning refuses to clip the gradients of a fused optimizer under fp16's GradScaler.
+    model, optimizer = make_model_and_optimizer(conf, fused=not precision.startswith("16"))
+    train_loader, val_loader = make_loaders(conf, data_dir)
+    scheduler, schedule_callbacks = make_lr_schedule(conf, optimizer)
+    clock = TrainingClock()
+    callbacks = [clock, LearningCurve(exp_dir, clock), *schedule_callbacks]
+    trainer, best_ckpts, early_stop = _make_trainer(conf, exp_dir, len(train_loader), precision,
+                                                    callbacks)
+    if trainer.world_size > 1:   # known only now: Lightning's DistributedSampler shards the data
+        train_loader, val_loader = make_loaders(conf, data_dir, resumable=False)
+    new_step = compile_for_training(model, t["compile"], t["accelerator"], trainer.world_size, t["compile_mode"])
+    system = BirdSystem(model=model, optimizer=optimizer,
+                        loss_func=PITLossWrapper(pairwise_neg_sisdr, pit_from="pw_mtx"),
+                        train_loader=train_loader, val_loader=val_loader, scheduler=scheduler,
+                        config=conf, max_bad_batches=t["max_bad_batches"], new_step=new_step)
+    resume_from = str(last_ckpt) if last_ckpt.is_file() else None
+    if resume_from and trainer.is_global_zero:
+        print(f"train: resuming from {last_ckpt}")
+    trainer.fit(system, ckpt_path=resume_from, weights_only=True)
+
+    if trainer.is_global_zero:
+        infos = _write_results(system, trainer, best_ckpts, early_stop, conf, data_dir, exp_dir)
+        mark_done(exp_dir, "train", params)
+        print(f"train: {exp_dir}: {_summary(infos)}, best checkpoint {infos['best_checkpoint']}, "
+              f"{(time.time() - started) / 60:.1f} min this run -> {best_model_path}")
+    return best_model_path
+
+
+def main(argv: list[str] | None = None) -> Path:
+    def add_arguments(parser):
+        parser.add_argument("--data_dir", default="data", help="data directory (holds BSD-{n}mix/), "
+                            "or a LibriMix or wsj0-2mix tree (local/data_layouts.py)")
+        parser.add_argument("--exp_dir", required=True, help="experiment directory, e.g. exp/tag")
+
+    args, conf = parse_stage_args("Stage 3: train Conv-TasNet.", argv, add_arguments)
+    return train(conf, args.data_dir, args.exp_dir)
+
+
+# ---- What train() calls ----
 
 # Keys that may differ between a run and its resumption: how long and on what hardware to train.
 # Any other difference means a different experiment and is refused.
@@ -62,130 +130,7 @@ RESUMABLE_KEYS = {"implementation", "epochs", "max_minutes", "early_stop", "pati
 PLATFORM_KEYS = RESUMABLE_KEYS - {"epochs", "max_minutes", "early_stop", "patience"}
 # The conf sections this stage reads (besides common.seed and clips.sample_rate).
 TRAINING_SECTIONS = ("model", "training", "optim")
-# Training steps between two checks of the losses for NaN/inf when the optimizer skips bad
-# steps on the device itself (BirdSystem): one host sync per this many steps, not per step.
-BAD_BATCH_CHECK_EVERY = 50
 PROGRESS_REFRESH_STEPS_GPU = 20
-
-
-class BadBatchWarning(UserWarning):
-    """A training batch gave a non-finite loss and was skipped."""
-
-
-class BirdSystem(System):
-    """asteroid's System with mixture ids in training batches, non-finite losses skipped instead
-    of trained on, the loss in the progress bar, and the validation loss synced across GPUs.
-
-    With a fused optimizer (the recipe's Adam, AdamW, SGD; model.py) a step whose gradients are
-    not finite is skipped on the device: the optimizer reads a `found_inf` flag set from the
-    gradient norm (configure_gradient_clipping), so no step waits for the GPU to hand the loss
-    to the host. The losses are read back every BAD_BATCH_CHECK_EVERY steps, at each epoch
-    end and when training ends, to report skipped batches and stop after `max_bad_batches` in a row. Other
-    optimizers (and 16-mixed, whose GradScaler owns `found_inf`) check each loss on the host
-    and skip backward and step."""
-
-    def __init__(self, *args: Any, max_bad_batches: int,
-                 new_step: Optional[Callable[[], None]] = None, **kwargs: Any):
-        super().__init__(*args, **kwargs)
-        # Called before each forward: a compiled model's mark of a new step (model.compile_in_place).
-        self.new_step = new_step or (lambda: None)
-        self.max_bad_batches = max_bad_batches
-        self.bad_batches_in_a_row = 0
-        self.bad_batches_total = 0
-        # (loss on the device, mixture ids, epoch, batch index) of steps not yet checked.
-        self._unchecked: list[tuple[torch.Tensor, list[str], int, int]] = []
-
-    @staticmethod
-    def config_to_hparams(dic: dict[str, Any]) -> dict[str, Any]:
-        # asteroid turns lists into tensors, which fails on lists of strings (e.g. groups: [birds]);
-        # logged hparams only need to be readable, so lists become their text.
-        return {k: str(v) if v is None or isinstance(v, (list, tuple)) else v
-                for k, v in flatten_dict(dic).items()}
-
-    def _skips_on_device(self) -> bool:
-        # Under fp16 ("16-mixed", whose GradScaler sets `found_inf` itself) train() builds a
-        # non-fused optimizer.
-        return bool(self.optimizer.defaults.get("fused"))
-
-    def training_step(self, batch, batch_idx):
-        mixture, sources, mixture_ids = batch
-        self.new_step()
-        # float32 loss also under bf16 autocast (the decoder's output is bf16 there).
-        loss = self.loss_func(self(mixture).float(), sources)
-        if self._skips_on_device():
-            self._unchecked.append((loss.detach(), list(mixture_ids), self.current_epoch, batch_idx))
-            self.log("loss", loss, prog_bar=True, logger=True)
-            return loss
-        # Every process must take the same decision, or DDP's gradient all-reduce would hang.
-        bad = self.trainer.strategy.reduce_boolean_decision(not bool(torch.isfinite(loss)), all=False)
-        self._note_batch(not bad, loss.item() if bad else 0.0, list(mixture_ids),
-                         self.current_epoch, batch_idx)
-        if bad:
-            return None  # Lightning skips backward and the optimizer step
-        self.log("loss", loss, prog_bar=True, logger=True)
-        return loss
-
-    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None,
-                                    gradient_clip_algorithm=None) -> None:
-        if not self._skips_on_device():
-            return super().configure_gradient_clipping(optimizer, gradient_clip_val,
-                                                       gradient_clip_algorithm)
-        if gradient_clip_val and gradient_clip_algorithm in (None, "norm"):
-            total_norm = torch.nn.utils.clip_grad_norm_(self.parameters(), gradient_clip_val)
-        else:
-            super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
-            total_norm = torch.nn.utils.get_total_norm(
-                [p.grad for p in self.parameters() if p.grad is not None])
-        # NaN/inf anywhere makes the norm non-finite; the fused step then leaves the weights,
-        # its moments and its step count as they were. (DDP: gradients are all-reduced, so
-        # every process sees the same norm.)
-        getattr(optimizer, "optimizer", optimizer).found_inf = (~torch.isfinite(total_norm)).float()
-
-    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
-        if len(self._unchecked) >= BAD_BATCH_CHECK_EVERY:
-            self._check_losses()
-
-    def on_train_epoch_end(self) -> None:
-        self._check_losses()
-        super().on_train_epoch_end()
-
-    def on_train_end(self) -> None:
-        self._check_losses()   # e.g. after a time-budget stop in mid-epoch
-        super().on_train_end()
-
-    def _check_losses(self) -> None:
-        """Read the unchecked losses back (one sync) and account for the non-finite ones."""
-        if not self._unchecked:
-            return
-        losses = torch.stack([loss for loss, *_ in self._unchecked]).float()
-        # A batch counts as bad on every process when it is bad on one (same decisions).
-        bad = self.trainer.strategy.reduce((~torch.isfinite(losses)).float(), reduce_op="sum")
-        for (loss, ids, epoch, batch_idx), value, is_bad in zip(
-                self._unchecked, losses.tolist(), (bad > 0).tolist()):
-            self._note_batch(not is_bad, value, ids, epoch, batch_idx)
-        self._unchecked.clear()
-
-    def _note_batch(self, finite: bool, loss_value: float, mixture_ids: list[str], epoch: int,
-                    batch_idx: int) -> None:
-        """Count a batch's outcome; warn for a skipped one; stop after too many in a row."""
-        if finite:
-            self.bad_batches_in_a_row = 0
-            return
-        self.bad_batches_in_a_row += 1
-        self.bad_batches_total += 1
-        warnings.warn(f"non-finite training loss ({loss_value}) at epoch {epoch}, "
-                      f"batch {batch_idx} (mixtures {', '.join(mixture_ids)}): batch skipped",
-                      BadBatchWarning, stacklevel=1)
-        if self.bad_batches_in_a_row >= self.max_bad_batches:
-            raise RuntimeError(f"{self.bad_batches_in_a_row} training batches in a row had a "
-                               "non-finite loss: the data contain NaN/inf or training diverged "
-                               "(try a lower --lr); see the warnings above for mixture ids")
-
-    def validation_step(self, batch, batch_idx):
-        mixture, sources = batch
-        self.new_step()
-        loss = self.loss_func(self(mixture).float(), sources)
-        self.log("val_loss", loss, on_epoch=True, prog_bar=True, sync_dist=True)
 
 
 class SaveLastOnTrainEnd(Callback):
@@ -263,7 +208,7 @@ def make_train_loader(conf: Conf, data_dir: str | Path, resumable: bool = True) 
     return DataLoader(train_set, shuffle=True, drop_last=True, **settings)
 
 
-def _make_loaders(conf: Conf, data_dir: str | Path, resumable: bool = True
+def make_loaders(conf: Conf, data_dir: str | Path, resumable: bool = True
                   ) -> tuple[DataLoader, DataLoader]:
     """(training, validation) loaders (see make_train_loader)."""
     train_loader = make_train_loader(conf, data_dir, resumable)
@@ -271,41 +216,6 @@ def _make_loaders(conf: Conf, data_dir: str | Path, resumable: bool = True
     val_set = _open_checked(conf, data_dir, "cv", random_segments=False)
     val_loader = DataLoader(val_set, shuffle=False, drop_last=False, **_loader_settings(conf))
     return train_loader, val_loader
-
-
-def _trains_on_cuda(accelerator: str) -> bool:
-    return torch.cuda.is_available() and str(accelerator).lower() in ("auto", "gpu", "cuda")
-
-
-def resolve_precision(precision: str, accelerator: str) -> str:
-    """The conf's precision for Lightning: "auto" is bf16-mixed on a CUDA GPU that has bf16 (see
-    local/benchmark_gpu.py), else 32-true (on CPU, bf16 autocast made training steps slower)."""
-    if precision != "auto":
-        return precision
-    cuda_bf16 = _trains_on_cuda(accelerator) and torch.cuda.is_bf16_supported()
-    return "bf16-mixed" if cuda_bf16 else "32-true"
-
-
-def _compile(model: torch.nn.Module, setting: Any, accelerator: str, world_size: int,
-             mode: str) -> Optional[Callable[[], None]]:
-    """torch.compile the model in place (model.compile_in_place) as the conf's `compile` says:
-    "auto" on one CUDA GPU, "true" on CUDA, never on CPU. Returns the per-step hook (see
-    BirdSystem), or None where the model stays eager."""
-    setting = auto_setting("--compile", setting)
-    check_compile_mode(mode)
-    on_cuda = _trains_on_cuda(accelerator)
-    if setting == "true" and not on_cuda:
-        warnings.warn("--compile true: ignored, training is not on a CUDA GPU (on CPU the model "
-                      "runs its own C kernels, which torch.compile cannot trace)")
-    if setting == "false" or not on_cuda or (setting == "auto" and world_size > 1):
-        return None
-    if setting == "auto":
-        # A GPU that torch's compiler cannot build for (Triton needs compute capability 7.0 or
-        # later) trains eagerly after dynamo's warning instead of failing the run.
-        import torch._dynamo   # torch imports it lazily
-
-        torch._dynamo.config.suppress_errors = True
-    return compile_in_place(model, mode)
 
 
 def _make_trainer(conf: Conf, exp_dir: Path, n_train_batches: int, precision: str,
@@ -323,7 +233,7 @@ def _make_trainer(conf: Conf, exp_dir: Path, n_train_batches: int, precision: st
                                  every_n_train_steps=t["checkpoint_every_n_steps"],
                                  enable_version_counter=False)
     # The progress bar reads the loss back from the GPU at each refresh: not every step there.
-    refresh = PROGRESS_REFRESH_STEPS_GPU if _trains_on_cuda(t["accelerator"]) else 1
+    refresh = PROGRESS_REFRESH_STEPS_GPU if trains_on_cuda(t["accelerator"]) else 1
     callbacks: list[Callback] = [best_ckpts, step_ckpts, SaveLastOnTrainEnd(ckpt_dir / "last.ckpt"),
                                  LearningRateMonitor(logging_interval="epoch"),
                                  TQDMProgressBar(refresh_rate=refresh), *extra_callbacks]
@@ -409,72 +319,6 @@ def _summary(infos: dict[str, Any]) -> str:
     sisnr = infos.get("best_val_sisnr_db")
     return (f"{infos.get('epochs_trained')} epochs ({infos.get('stop_reason')}), best val SI-SNR "
             f"{'n/a' if sisnr is None else f'{sisnr:.2f} dB'}")
-
-
-def train(conf: Conf, data_dir: str | Path, exp_dir: str | Path) -> Path:
-    """Train (or resume training) and return the path of best_model.pth."""
-    started = time.time()
-    exp_dir = Path(exp_dir)
-    last_ckpt = (exp_dir / "checkpoints" / "last.ckpt").resolve()
-    best_model_path = exp_dir / "best_model.pth"
-    t = conf["training"]
-    params = _training_params(conf, data_dir)
-
-    if is_done(exp_dir, "train", params) and best_model_path.is_file():
-        infos = torch.load(best_model_path, map_location="cpu", weights_only=True)["infos"]
-        print(f"train: {exp_dir} already trained with this conf and data ({_summary(infos)}): "
-              "nothing to do")
-        return best_model_path
-    if last_ckpt.is_file() and (exp_dir / "conf.yml").is_file():
-        _check_resumable(read_conf(exp_dir / "conf.yml"), conf, exp_dir)
-    if rank_zero_only.rank == 0:
-        clear_done(exp_dir, "train")
-        write_conf(conf, exp_dir / "conf.yml")
-
-    if t["num_threads"] > 0:
-        torch.set_num_threads(t["num_threads"])
-    # Steps reuse freed activations instead of page-faulting fresh ones (utils/allocator.py).
-    keep_freed_memory()
-    pl.seed_everything(conf["common"]["seed"], workers=True)
-    if torch.cuda.is_available():
-        torch.set_float32_matmul_precision("high")  # TF32 on Ampere and later
-    precision = resolve_precision(t["precision"], t["accelerator"])
-    # Lightning refuses to clip the gradients of a fused optimizer under fp16's GradScaler.
-    model, optimizer = make_model_and_optimizer(conf, fused=not precision.startswith("16"))
-    train_loader, val_loader = _make_loaders(conf, data_dir)
-    scheduler, schedule_callbacks = make_lr_schedule(conf, optimizer)
-    clock = TrainingClock()
-    callbacks = [clock, LearningCurve(exp_dir, clock), *schedule_callbacks]
-    trainer, best_ckpts, early_stop = _make_trainer(conf, exp_dir, len(train_loader), precision,
-                                                    callbacks)
-    if trainer.world_size > 1:   # known only now: Lightning's DistributedSampler shards the data
-        train_loader, val_loader = _make_loaders(conf, data_dir, resumable=False)
-    new_step = _compile(model, t["compile"], t["accelerator"], trainer.world_size, t["compile_mode"])
-    system = BirdSystem(model=model, optimizer=optimizer,
-                        loss_func=PITLossWrapper(pairwise_neg_sisdr, pit_from="pw_mtx"),
-                        train_loader=train_loader, val_loader=val_loader, scheduler=scheduler,
-                        config=conf, max_bad_batches=t["max_bad_batches"], new_step=new_step)
-    resume_from = str(last_ckpt) if last_ckpt.is_file() else None
-    if resume_from and trainer.is_global_zero:
-        print(f"train: resuming from {last_ckpt}")
-    trainer.fit(system, ckpt_path=resume_from, weights_only=True)
-
-    if trainer.is_global_zero:
-        infos = _write_results(system, trainer, best_ckpts, early_stop, conf, data_dir, exp_dir)
-        mark_done(exp_dir, "train", params)
-        print(f"train: {exp_dir}: {_summary(infos)}, best checkpoint {infos['best_checkpoint']}, "
-              f"{(time.time() - started) / 60:.1f} min this run -> {best_model_path}")
-    return best_model_path
-
-
-def main(argv: list[str] | None = None) -> Path:
-    def add_arguments(parser):
-        parser.add_argument("--data_dir", default="data", help="data directory (holds BSD-{n}mix/), "
-                            "or a LibriMix or wsj0-2mix tree (local/data_layouts.py)")
-        parser.add_argument("--exp_dir", required=True, help="experiment directory, e.g. exp/tag")
-
-    args, conf = parse_stage_args("Stage 3: train Conv-TasNet.", argv, add_arguments)
-    return train(conf, args.data_dir, args.exp_dir)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""local/benchmark_gpu.py on CPU with a tiny model: every part runs and reports, and training
+"""tools/benchmark_gpu.py on CPU with a tiny model: every part runs and reports, and training
 under bf16 autocast lands where float32 training does (the figures are no GPU measurement)."""
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import math
 import pytest
 
 from conftest import TINY_MODEL, needs_cxx
-from local.benchmark_gpu import run_gpu_benchmark
+from tools.benchmark_gpu import run_gpu_benchmark
 from test_train import write_tiny_bsd
 from utils.config import read_conf
 

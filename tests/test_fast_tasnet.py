@@ -9,9 +9,8 @@ import torch
 from asteroid.models import ConvTasNet
 
 from conftest import TINY_MODEL
-import fast_tasnet
-from fast_tasnet import FastConvTasNet, masker_supported
-from local import benchmark
+from fast_tasnet import FastConvTasNet, masker_supported, tasnet
+from tools import benchmark
 from model import model_kwargs
 import separate
 from utils.config import read_conf, write_conf
@@ -121,12 +120,12 @@ def gemm_library(request, monkeypatch):
         yield None
         return
     monkeypatch.delenv("BIRDSEP_ONEDNN", raising=False)
-    op = fast_tasnet._onednn_op()
+    op = tasnet._onednn_op()
     if op is None:
         pytest.skip("this torch build has no oneDNN matmul")
     counter = CountingOneDNN(op)
-    monkeypatch.setattr(fast_tasnet, "_ONEDNN_MIN_ROWS", 1)
-    monkeypatch.setitem(fast_tasnet._onednn_state, "op", counter)
+    monkeypatch.setattr(tasnet, "_ONEDNN_MIN_ROWS", 1)
+    monkeypatch.setitem(tasnet._onednn_state, "op", counter)
     yield counter
 
 
@@ -155,16 +154,16 @@ def test_onednn_products_fall_back_to_torch(monkeypatch, caplog):
 
         binary = __call__
 
-    monkeypatch.setattr(fast_tasnet, "_ONEDNN_MIN_ROWS", 1)
-    monkeypatch.setitem(fast_tasnet._onednn_state, "op", Failing())
+    monkeypatch.setattr(tasnet, "_ONEDNN_MIN_ROWS", 1)
+    monkeypatch.setitem(tasnet._onednn_state, "op", Failing())
     monkeypatch.delenv("BIRDSEP_ONEDNN", raising=False)
     a, w, b, add = torch.randn(30, 8), torch.randn(5, 8), torch.randn(5), torch.randn(30, 5)
     with torch.no_grad():
-        result = fast_tasnet._linear(a, w, bias=b, add=add)
+        result = tasnet._linear(a, w, bias=b, add=add)
     assert torch.allclose(result, a @ w.t() + b + add, atol=1e-6)
-    assert fast_tasnet._onednn_state["op"] is None and "oneDNN matmul failed" in caplog.text
+    assert tasnet._onednn_state["op"] is None and "oneDNN matmul failed" in caplog.text
     with torch.no_grad():                    # from now on torch, the activation included
-        result = fast_tasnet._linear(a, w, bias=b, activation="sigmoid")
+        result = tasnet._linear(a, w, bias=b, activation="sigmoid")
     assert torch.allclose(result, torch.sigmoid(a @ w.t() + b), atol=1e-6)
 
 
@@ -174,21 +173,21 @@ def test_onednn_products_only_on_x86(monkeypatch, machine, expected):
     if expected and not torch.backends.mkldnn.is_available():
         pytest.skip("this torch build has no oneDNN")
     monkeypatch.delenv("BIRDSEP_ONEDNN", raising=False)
-    monkeypatch.setattr(fast_tasnet.platform, "machine", lambda: machine)
-    decided = dict(fast_tasnet._onednn_state)
-    fast_tasnet._onednn_state.clear()              # decide again on this "machine"
+    monkeypatch.setattr(tasnet.platform, "machine", lambda: machine)
+    decided = dict(tasnet._onednn_state)
+    tasnet._onednn_state.clear()              # decide again on this "machine"
     try:
-        assert (fast_tasnet._onednn_op() is not None) == expected
+        assert (tasnet._onednn_op() is not None) == expected
     finally:
-        fast_tasnet._onednn_state.clear()
-        fast_tasnet._onednn_state.update(decided)
+        tasnet._onednn_state.clear()
+        tasnet._onednn_state.update(decided)
 
 
 def test_products_that_need_gradients_stay_with_torch(gemm_library):
     # The oneDNN op has no backward: with autograd on, torch computes the product.
     a = torch.randn(40, 8, requires_grad=True)
     w = torch.randn(6, 8, requires_grad=True)
-    fast_tasnet._linear(a, w).sum().backward()
+    tasnet._linear(a, w).sum().backward()
     assert torch.allclose(a.grad, w.sum(0).expand(40, 8).detach())
     assert torch.allclose(w.grad, a.sum(0).expand(6, 8).detach())
     if gemm_library is not None:

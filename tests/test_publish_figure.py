@@ -1,4 +1,4 @@
-"""local/publish.py (shareable model + model card) and local/internals_figure.py."""
+"""tools/publish.py (shareable model + model card) and tools/internals_figure.py."""
 from __future__ import annotations
 
 import json
@@ -12,9 +12,9 @@ import torch
 from asteroid.models import ConvTasNet
 
 from conftest import TINY_MODEL
-from local import internals_figure, publish
-from local.internals_figure import make_figure, plot_internals, upgma_order
-from local.publish import PublishError, licence_info
+from tools import internals_figure, publish
+from tools.internals_figure import make_figure, plot_internals, upgma_order
+from tools.publish import PublishError, licence_info
 from utils.config import read_conf, write_conf
 
 SR = 8000

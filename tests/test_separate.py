@@ -12,11 +12,11 @@ from asteroid.models import ConvTasNet
 
 from conftest import TINY_MODEL
 
-import fast_tasnet
 import separate
 from separate import (OverlapAddSeparator, SeparationFailures, StreamingResampler,
                       separate_array, separate_files)
 from utils.audio import resample
+from utils.cpu import lists_bf16_flag
 from utils.config import read_conf, write_conf
 
 SR = 8000
@@ -211,8 +211,8 @@ def test_bf16_flags_are_read_from_cpuinfo():
     zen4 = "processor\t: 0\nflags\t\t: fpu avx512f avx512_bf16 avx512_vnni\nbugs\t\t: sysret_ss_attrs\n"
     sapphire_rapids = "flags\t\t: fpu avx512f amx_bf16 amx_tile\n"
     skylake = "flags\t\t: fpu avx512f avx512bw avx512vl\n"
-    assert fast_tasnet._lists_bf16_flag(zen4) and fast_tasnet._lists_bf16_flag(sapphire_rapids)
-    assert not fast_tasnet._lists_bf16_flag(skylake) and not fast_tasnet._lists_bf16_flag("")
+    assert lists_bf16_flag(zen4) and lists_bf16_flag(sapphire_rapids)
+    assert not lists_bf16_flag(skylake) and not lists_bf16_flag("")
 
 
 def test_separate_says_which_precision_ran_and_refuses_an_unknown_setting(tmp_path, repo_root,

@@ -9,9 +9,9 @@ import pytest
 import torch
 from asteroid.models import ConvTasNet
 
-import tcn_native
 from conftest import TINY_MODEL
-from fast_tasnet import FastConvTasNet, _MaskDecodeFunction
+from fast_tasnet import FastConvTasNet, tcn_native
+from fast_tasnet.tasnet import _MaskDecodeFunction
 from model import model_kwargs
 from utils.config import read_conf
 

@@ -13,10 +13,11 @@ import soundfile as sf
 import torch
 from asteroid.models import ConvTasNet
 
-import train as train_module
+import system as system_module
 from conftest import TINY_MODEL, needs_cxx
 from model import load_best_model, make_model
-from train import BadBatchWarning, BirdSystem, main, resolve_precision, train
+from system import BadBatchWarning, BirdSystem, resolve_precision
+from train import main, train
 from utils.config import ConfError, read_conf, write_conf
 
 SAMPLE_RATE = 8000
@@ -237,7 +238,7 @@ def test_compile_with_cuda_graphs_marks_each_step_and_keeps_asteroids_checkpoint
     # training and validation step marked as a new graph step.
     marks = []
     monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(1))
-    monkeypatch.setattr(train_module, "_trains_on_cuda", lambda accelerator: True)
+    monkeypatch.setattr(system_module, "trains_on_cuda", lambda accelerator: True)
     tiny_conf["training"].update(compile=True, compile_mode="reduce-overhead", precision="32-true")
     best = train(tiny_conf, tiny_data, tmp_path / "exp")
     # 2 training steps, the sanity check's validation batch and the epoch's.
@@ -261,12 +262,12 @@ def test_unknown_compile_settings_are_refused(tiny_conf, tiny_data, tmp_path):
 def test_compile_setting_decides_where_the_model_is_compiled(setting, on_cuda, world_size, compiled,
                                                              tiny_conf, monkeypatch):
     calls = []
-    monkeypatch.setattr(train_module, "_trains_on_cuda", lambda accelerator: on_cuda)
-    monkeypatch.setattr(train_module, "compile_in_place",
+    monkeypatch.setattr(system_module, "trains_on_cuda", lambda accelerator: on_cuda)
+    monkeypatch.setattr(system_module, "compile_in_place",
                         lambda model, mode: calls.append(mode) or (lambda: None))
     with warnings.catch_warnings(), torch._dynamo.config.patch(suppress_errors=False):
         warnings.simplefilter("error")   # no "ignored" warning unless true was asked for on CPU
-        hook = train_module._compile(make_model(tiny_conf), setting, "auto", world_size, "default")
+        hook = system_module.compile_for_training(make_model(tiny_conf), setting, "auto", world_size, "default")
         # Only "auto" falls back to eager training when the compiler fails.
         assert torch._dynamo.config.suppress_errors == (compiled and setting == "auto")
     assert calls == (["default"] if compiled else []) and (hook is not None) == compiled
@@ -284,7 +285,7 @@ def test_auto_compile_falls_back_to_eager_training_when_the_compiler_fails(
         raise RuntimeError("Found no GPU that Triton can build for")
 
     monkeypatch.setattr(inductor, "compile_fx", failing_backend)
-    monkeypatch.setattr(train_module, "_trains_on_cuda", lambda accelerator: True)
+    monkeypatch.setattr(system_module, "trains_on_cuda", lambda accelerator: True)
     tiny_conf["training"].update(compile="auto", precision="32-true")
     with torch._dynamo.config.patch(suppress_errors=False):
         best = train(tiny_conf, tiny_data, tmp_path / "exp")

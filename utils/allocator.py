@@ -9,7 +9,7 @@ machine (one process each, median of 2-4 steps of batch 4 x 4 s, 2 threads): the
 took 112,000 page faults and 4.17 s per step, 5 faults and 3.49 s with these settings
 (asteroid's ConvTasNet: 10.46 and 9.57 s, the settings given through the environment).  The
 CPU preset's steps (1 thread, tensors of 2 MB) did not change measurably.  Inference on a
-60 s mixture (python -m local.benchmark, one run): asteroid's ConvTasNet ran at a real-time
+60 s mixture (python -m tools.benchmark, one run): asteroid's ConvTasNet ran at a real-time
 factor of 0.410 with glibc's defaults and 0.142 with these settings; fast_tasnet at 0.076 (it
 reuses two buffers for all blocks).  train.py, eval.py and separate.py apply them.
 

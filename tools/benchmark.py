@@ -1,6 +1,6 @@
 """Benchmark: asteroid's ConvTasNet against fast_tasnet.FastConvTasNet on this machine.
 
-    python -m local.benchmark [--json PATH] [--quick] [--data_dir DIR] [--threads N]
+    python -m tools.benchmark [--json PATH] [--quick] [--data_dir DIR] [--threads N]
                               [--sdr_mixtures N] [--infer_rounds N] [--conf conf.yml]
                               [--preset_conf conf_cpu.yml] [--key value ...]
 
@@ -29,7 +29,7 @@ In one run, on the same inputs and the same weights:
     asteroid runs out of the box (training steps and inference); the training pairs with
     OpenMP threads that spin briefly instead of sleeping (GOMP_SPINCOUNT=10000), and the
     preset's pair on one thread when it runs more.
-GPU training (throughput, bf16, torch.compile, SI-SNR after equal steps): local/benchmark_gpu.py.
+GPU training (throughput, bf16, torch.compile, SI-SNR after equal steps): tools/benchmark_gpu.py.
 Ratios are stock / ours, so above 1 means ours is faster.  Timings on a machine shared with
 other work are noisy, and this machine's speed drifted by several percent from minute to
 minute: stock and ours alternate, and the figures are medians.  Each case runs in a fresh
@@ -256,7 +256,7 @@ def _infer_case(model, case, samples) -> dict[str, Any]:
 
 
 def run_case_in_subprocess(case: dict[str, Any]) -> dict[str, Any]:
-    """Run one case in a fresh Python process (`-m local.benchmark --run_case JSON`)."""
+    """Run one case in a fresh Python process (`-m tools.benchmark --run_case JSON`)."""
     repo_root = Path(__file__).resolve().parent.parent
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(
         [str(repo_root)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
@@ -266,7 +266,7 @@ def run_case_in_subprocess(case: dict[str, Any]) -> dict[str, Any]:
             env.pop(key, None)
         else:
             env[key] = value
-    proc = subprocess.run([sys.executable, "-m", "local.benchmark", "--run_case", json.dumps(case)],
+    proc = subprocess.run([sys.executable, "-m", "tools.benchmark", "--run_case", json.dumps(case)],
                           cwd=repo_root, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"benchmark case {case['kind']}/{case.get('impl', '')} failed:\n"
@@ -526,7 +526,7 @@ def run_benchmark(conf: Conf, preset_conf: Conf, *, quick: bool = False,
         omp_wait_policy=os.environ.get("OMP_WAIT_POLICY", OMP_WAIT_POLICY) if isolate
         else os.environ.get("OMP_WAIT_POLICY", "default"),
         malloc_keeps_freed_memory=keep_freed_memory(), cases={})
-    import tcn_native
+    from fast_tasnet import tcn_native
 
     # Whether ours ran its gLN blocks on the fused C kernels, or on torch (and why).
     results["native_kernels"] = tcn_native.kernels() is not None

@@ -1,11 +1,11 @@
 """Training benchmark for GPUs: asteroid's ConvTasNet in float32 against the recipe's model.
 
-    python -m local.benchmark_gpu [--data_dir DIR] [--json PATH] [--quality_steps N]
+    python -m tools.benchmark_gpu [--data_dir DIR] [--json PATH] [--quality_steps N]
                                   [--variants a,b,...] [--conf conf.yml] [--key value ...]
 
 In one run, on the same batches (the recipe's training DataLoader over --data_dir's BSD-2mix
 train split, fetched once and kept on the device; synthetic chirps without --data_dir):
-  * parity on the device: stock weights in ours, float32 with TF32 off (local.benchmark);
+  * parity on the device: stock weights in ours, float32 with TF32 off (tools.benchmark);
   * training throughput (samples per second; forward, PIT SI-SDR loss, backward, gradient
     clipping, Adam) of each variant at the conf's batch (`batch_size` x `segment_s`):
     stock_fp32 (asteroid's ConvTasNet with torch's defaults and Adam, as asteroid's recipes
@@ -43,7 +43,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from local.benchmark import (INFERENCE_SECONDS, _batch, build_model, check_parity, model_kwargs_of,
+from tools.benchmark import (INFERENCE_SECONDS, _batch, build_model, check_parity, model_kwargs_of,
                              optimizer_for, time_data_loading)
 from model import compile_in_place
 from utils.config import Conf, parse_stage_args
@@ -264,10 +264,10 @@ def training_batches(conf: Conf, data_dir: Optional[str | Path], n_batches: int,
         return ([make(i) for i in range(n_batches)],
                 [make(10_000 + i) for i in range(max(1, EVAL_MIXTURES // t["batch_size"]))],
                 "synthetic chirps")
-    from train import _make_loaders
+    from train import make_loaders
 
     torch.manual_seed(conf["common"]["seed"])
-    train_loader, val_loader = _make_loaders(conf, data_dir)
+    train_loader, val_loader = make_loaders(conf, data_dir)
     train = _device_batches(train_loader, n_batches, device)
     held_out = _device_batches(val_loader, max(1, EVAL_MIXTURES // t["batch_size"]), device,
                                epochs=1)

@@ -45,17 +45,15 @@ free one, multi-channel input, a masker other than TDConvNet) run asteroid's own
 model is never wrong, only slower.  Checkpoints load both ways with `strict=True`;
 `serialize()` writes `model_name="ConvTasNet"` (and `who_is_pinv`), so asteroid's
 `ConvTasNet.from_pretrained` loads it; `FastConvTasNet.from_pretrained` loads either.
-Speed and parity figures: `python -m local.benchmark`.
+Speed and parity figures: `python -m tools.benchmark`.
 """
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 import os
 import platform
 import threading
-from pathlib import Path
 from typing import Optional
 
 import torch
@@ -69,7 +67,7 @@ from asteroid.utils.hub_utils import cached_download
 from asteroid.utils.torch_utils import pad_x_to_y
 from asteroid_filterbanks import FreeFB
 
-import tcn_native
+from . import tcn_native
 
 # asteroid's norms add this to the variance (norms.GlobLN / ChanLN default EPS).
 NORM_EPS = 1e-8
@@ -604,23 +602,6 @@ def _gln_output_gemms(q, rstd, mean, w_out, b_out, n_res, x, skip, gemm=None):
         for i in range(batch):
             _addmm_(skip_out[i], q[i], w_skip_t, gemm, alpha=scales[i])
     return x_out, skip_out
-
-
-@functools.lru_cache(maxsize=1)
-def cpu_has_native_bf16() -> bool:
-    """Whether this CPU multiplies bf16 in hardware (x86's AVX512_BF16 or AMX-BF16, read from
-    Linux's /proc/cpuinfo). False elsewhere: other CPUs emulate bf16, not measured here."""
-    try:
-        return _lists_bf16_flag(Path("/proc/cpuinfo").read_text())
-    except OSError:
-        return False
-
-
-def _lists_bf16_flag(cpuinfo: str) -> bool:
-    for line in cpuinfo.splitlines():
-        if line.startswith("flags"):
-            return bool({"avx512_bf16", "amx_bf16"} & set(line.partition(":")[2].split()))
-    return False
 
 
 def _cpu_bf16_autocast() -> bool:

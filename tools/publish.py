@@ -1,6 +1,6 @@
 """Share a trained model: `<out_dir>/model.pth` and a model card `<out_dir>/README.md`.
 
-    python -m local.publish --exp_dir exp/<tag> --data_dir data --out_dir exp/<tag>/publish
+    python -m tools.publish --exp_dir exp/<tag> --data_dir data --out_dir exp/<tag>/publish
 
 model.pth is asteroid's serialised model (model_name, model_args, state_dict, infos) extended
 the way asteroid's publisher (asteroid.models.publisher) extends it: `dataset`, `task`,
@@ -306,7 +306,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         publish(args.exp_dir, args.data_dir, args.out_dir or args.exp_dir / "publish")
     except (PublishError, FileNotFoundError) as err:
-        print(f"local.publish: {err}", file=sys.stderr)
+        print(f"tools.publish: {err}", file=sys.stderr)
         return 1
     return 0
 

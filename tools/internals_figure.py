@@ -1,7 +1,7 @@
 """What a trained Conv-TasNet does with one mixture (in the manner of the thesis' Figure IV.3).
 
-    python -m local.internals_figure --exp_dir exp/<tag> --csv data/BSD-2mix/tt.csv --mixture_id ID
-    python -m local.internals_figure --exp_dir exp/<tag> --wav FILE
+    python -m tools.internals_figure --exp_dir exp/<tag> --csv data/BSD-2mix/tt.csv --mixture_id ID
+    python -m tools.internals_figure --exp_dir exp/<tag> --wav FILE
 
 One PNG (default `<exp_dir>/figures/internals_<mixture id or file stem>.png`) with
   - the encoder and decoder basis functions, each sorted by UPGMA clustering (average linkage,
@@ -241,7 +241,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         make_figure(args.exp_dir, conf["separation"]["internals_max_s"], args.csv,
                     args.mixture_id, args.wav, args.out)
     except (AudioError, FileNotFoundError, KeyError, ValueError) as err:
-        print(f"local.internals_figure: {err}", file=sys.stderr)
+        print(f"tools.internals_figure: {err}", file=sys.stderr)
         return 1
     return 0
 
