@@ -1,16 +1,18 @@
 """Stage 5's markdown tables (`<exp_root>/tables/table_IV2.md`, ...) from the experiment
 directories the sweep (local/sweep.py) trains: rebuilt from whatever exists, so rows not run
-yet show as "not run", and typing the thesis' values into the definition files needs no
-retraining, only a rebuild:
+yet show as "not run", and a change to the definition files' text (labels, notes, the thesis'
+values) needs no retraining, only a rebuild:
 
     python -m local.tables --conf conf_cpu.yml --exp_root exp --tables IV2 [--max_minutes 2 ...]
 
 (the same arguments as the sweep, so that the same experiment directories are found).
 
-Per row: our SI-SNRi and SDRi (eval.py's final_metrics.json), the thesis' values, the model
-size counted from the model, the receptive field computed from the hyperparameters, and the
-budget the experiment ran under (conf.yml: epochs, max_minutes) and what it used
-(best_model.pth: epochs, steps, why it stopped; checkpoints/last.ckpt: Lightning's timer).
+Per row: our SI-SNRi and SDRi (eval.py's final_metrics.json), the thesis' printed values and
+our gap to them, the model size counted from the model and the receptive field computed from
+the hyperparameters, each next to the printed one and flagged where the two disagree, where
+the thesis' figure stands against the Conv-TasNet paper's, and the budget the experiment ran
+under (conf.yml: epochs, max_minutes) and what it used (best_model.pth: epochs, steps, why it
+stopped; checkpoints/last.ckpt: Lightning's timer).
 
 Receptive field: one mask frame depends on F = 1 + R (P - 1) (2^X - 1) encoder frames (X
 dilated convolutions of kernel P, dilations 1 .. 2^(X-1), repeated R times); an output sample
@@ -31,8 +33,9 @@ from typing import Any, Sequence
 
 import torch
 
-from local.sweep import (DATA_OPTIONS, TABLES_DIR, Experiment, SweepError, TableDefinition,
-                         TableRow, file_sha256, parse_sweep_args, plan_experiments, read_table)
+from local.table_defs import (DATA_OPTIONS, TABLES_DIR, THESIS_RF, THESIS_SDRI, THESIS_SI_SNRI,
+                              THESIS_SIZE, Experiment, SweepError, TableDefinition, TableRow,
+                              file_sha256, parse_sweep_args, plan_experiments, read_table)
 from model import make_model, model_kwargs
 from utils.atomic import atomic_write_text
 from utils.config import ConfError, read_conf
@@ -170,23 +173,32 @@ def agrees(ours: float, published: str) -> bool:
     return abs(ours - float(published)) <= 0.5 * 10 ** -_decimals(published) + 1e-9
 
 
-def _thesis(value: str) -> str:
-    return value if value else "n/a"
+def _printed(value: str) -> str:
+    return value if value else NO_VALUE
 
 
 def _db(value: float | None) -> str:
     return NO_VALUE if value is None else f"{value:.2f}"
 
 
+def _gap(result: Result, row: TableRow) -> str:
+    """Ours minus the thesis', SI-SNRi / SDRi, in dB."""
+    pairs = ((result.si_snri, row.thesis_value(THESIS_SI_SNRI)), (result.sdri, row.thesis_value(THESIS_SDRI)))
+    if result.status or not all(published for _, published in pairs):
+        return NO_VALUE
+    return " / ".join(f"{ours - float(published):+.2f}" for ours, published in pairs)
+
+
 def _check(row: TableRow, size_m: float | None, rf_s: float | None) -> str:
-    """Model size and receptive field against the thesis' (when typed in)."""
+    """Model size and receptive field against the thesis' printed ones."""
     checks = []
-    for name, ours, column in (("size", size_m, "thesis_params_m"), ("RF", rf_s, "thesis_rf_s")):
-        published = row.thesis[column]
+    for name, ours, column in (("size", size_m, THESIS_SIZE), ("RF", rf_s, THESIS_RF)):
+        published = row.thesis_value(column)
         if published and ours is not None:
+            shown = f"{ours:.{_decimals(published) + 1}f}"
             checks.append(f"{name} ok" if agrees(ours, published)
-                          else f"**{name} differs** ({ours:.3g} vs {published})")
-    return ", ".join(checks) if checks else "n/a"
+                          else f"**{name} differs** ({shown} vs {published} printed)")
+    return ", ".join(checks) if checks else NO_VALUE
 
 
 def _conf_text(value: Any) -> str:
@@ -202,13 +214,25 @@ def _markdown_table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _notes(row: TableRow, table: TableDefinition, by_row: dict[tuple[str, str], Experiment]) -> str:
+    """The row's note, and the earlier row of the table it shares its experiment with."""
+    notes = [row.note] if row.note else []
+    experiment = by_row[(row.table, row.row)]
+    twin = next((other for other in table.rows[:table.rows.index(row)]
+                 if other.method == row.method and by_row[(other.table, other.row)] is experiment), None)
+    if twin is not None:
+        notes.append(f"same settings as {twin.label}: one experiment")
+    return "; ".join(notes) if notes else NO_VALUE
+
+
 def table_markdown(table: TableDefinition, experiments: list[Experiment], conf_path: str | Path,
                    cli_overrides: dict[str, str]) -> str:
     """The markdown of one table (module doc)."""
     by_row = {(row.table, row.row): exp for exp in experiments for row in exp.rows}
     header = ["row", *(SYMBOLS.get(c, c) for c in table.conf_columns),
-              "SI-SNRi (dB)", "thesis SI-SNRi", "SDRi (dB)", "thesis SDRi", "size (M)",
-              "thesis size", "RF (s)", "thesis RF", "vs thesis", "eval mixtures", "budget", "trained", "experiment"]
+              "SI-SNRi (dB)", "thesis SI-SNRi", "SDRi (dB)", "thesis SDRi", "ours − thesis (dB)",
+              "size (M)", "thesis size", "RF (s)", "thesis RF", "computed vs printed",
+              "thesis vs paper (WSJ0-2mix)", "notes", "eval mixtures", "budget", "trained", "experiment"]
     lines = []
     for row in table.rows:
         experiment = by_row[(row.table, row.row)]
@@ -221,11 +245,13 @@ def table_markdown(table: TableDefinition, experiments: list[Experiment], conf_p
         values = [_conf_text(next(conf[s][c] for s in conf if c in conf[s])) for c in table.conf_columns]
         lines.append([
             row.label, *values,
-            result.status or _db(result.si_snri), _thesis(row.thesis["thesis_si_snri"]),
-            NO_VALUE if result.status else _db(result.sdri), _thesis(row.thesis["thesis_sdri"]),
-            NO_VALUE if size_m is None else f"{size_m:.3f}", _thesis(row.thesis["thesis_params_m"]),
-            NO_VALUE if rf_s is None else f"{rf_s:.3f}", _thesis(row.thesis["thesis_rf_s"]),
-            _check(row, size_m, rf_s), NO_VALUE if result.n_eval is None else str(result.n_eval),
+            result.status or _db(result.si_snri), _printed(row.thesis_value(THESIS_SI_SNRI)),
+            NO_VALUE if result.status else _db(result.sdri), _printed(row.thesis_value(THESIS_SDRI)),
+            _gap(result, row),
+            NO_VALUE if size_m is None else f"{size_m:.3f}", _printed(row.thesis_value(THESIS_SIZE)),
+            NO_VALUE if rf_s is None else f"{rf_s:.3f}", _printed(row.thesis_value(THESIS_RF)),
+            _check(row, size_m, rf_s), row.vs_paper or NO_VALUE, _notes(row, table, by_row),
+            NO_VALUE if result.n_eval is None else str(result.n_eval),
             result.budget, result.trained, f"`{experiment.exp_dir.name}`"])
     data_options = [f"{DATA_OPTIONS[e.data]} {e.data_dir}" for e in experiments if e.data_dir is not None]
     command = " ".join([f"--conf {conf_path}", *dict.fromkeys(data_options),
@@ -239,12 +265,11 @@ def table_markdown(table: TableDefinition, experiments: list[Experiment], conf_p
         "Ours: SI-SNRi and SDRi on the test split (eval.py, full-length mixtures); size: "
         "parameters counted from the model, in millions; RF: receptive field of the "
         "convolutions in seconds, from L, P, X, R (`local/tables.py`); budget: the experiment's "
-        "epochs / wall-time limits, and what it used. \"vs thesis\" compares size and RF with "
-        "the thesis' values rounded as printed there.",
-        "",
-        f"Thesis columns: n/a where the thesis' value has not been typed in; fill in the "
-        f"`thesis_*` columns of `{table.path.name}` from the thesis and rerun stage 5 (or "
-        "`python -m local.tables` with the same options): finished rows are not retrained.",
+        "epochs / wall-time limits, and what it used. Thesis columns: its values as printed "
+        f"(`{table.path.name}`, copied from the thesis' tables), — where the thesis has no such "
+        "figure. \"computed vs printed\" compares our size and RF with the printed ones, "
+        "rounded as printed there; \"thesis vs paper\" says where the thesis' figure is also "
+        "the Conv-TasNet paper's WSJ0-2mix figure (Luo and Mesgarani, IEEE/ACM TASLP 2019).",
         ""]
     return "\n".join(header_text) + "\n" + _markdown_table(header, lines)
 
