@@ -171,6 +171,9 @@ def run_sweep(tables: Sequence[str], conf_path: str | Path, cli_overrides: dict[
     if left:
         print(f"sweep: time limit ({time_limit_minutes:g} min) reached, {left} experiment(s) "
               "still to run: rerun the same command to go on", flush=True)
+    elif not failures:
+        runnable = sum(e.data_dir is not None for e in experiments)
+        print(f"sweep: all {runnable} experiment(s) with data finished", flush=True)
     if failures:
         raise SweepError(f"{len(failures)} of {len(experiments)} experiment(s) failed: "
                          + "; ".join(failures) + " (their messages are above; rerun to resume)")
