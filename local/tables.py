@@ -225,15 +225,17 @@ def _notes(row: TableRow, table: TableDefinition, by_row: dict[tuple[str, str], 
     return "; ".join(notes) if notes else NO_VALUE
 
 
-def table_markdown(table: TableDefinition, experiments: list[Experiment], conf_path: str | Path,
-                   cli_overrides: dict[str, str]) -> str:
-    """The markdown of one table (module doc)."""
+FULL_HEADER = ("SI-SNRi (dB)", "thesis SI-SNRi", "SDRi (dB)", "thesis SDRi", "ours − thesis (dB)",
+               "size (M)", "thesis size", "RF (s)", "thesis RF", "computed vs printed",
+               "thesis vs paper (WSJ0-2mix)", "notes", "eval mixtures", "budget", "trained", "experiment")
+
+
+def table_cells(table: TableDefinition, experiments: list[Experiment]) -> tuple[list[str], list[dict[str, str]]]:
+    """The header of the full table (row, the row's conf keys as the thesis' symbols,
+    FULL_HEADER) and each row's cells by header."""
     by_row = {(row.table, row.row): exp for exp in experiments for row in exp.rows}
-    header = ["row", *(SYMBOLS.get(c, c) for c in table.conf_columns),
-              "SI-SNRi (dB)", "thesis SI-SNRi", "SDRi (dB)", "thesis SDRi", "ours − thesis (dB)",
-              "size (M)", "thesis size", "RF (s)", "thesis RF", "computed vs printed",
-              "thesis vs paper (WSJ0-2mix)", "notes", "eval mixtures", "budget", "trained", "experiment"]
-    lines = []
+    header = ["row", *(SYMBOLS.get(c, c) for c in table.conf_columns), *FULL_HEADER]
+    rows = []
     for row in table.rows:
         experiment = by_row[(row.table, row.row)]
         conf = experiment.conf
@@ -243,7 +245,7 @@ def table_markdown(table: TableDefinition, experiments: list[Experiment], conf_p
             rf_s = receptive_field_samples(model_kwargs(conf)) / conf["clips"]["sample_rate"]
         result = read_result(experiment, row.method)
         values = [_conf_text(next(conf[s][c] for s in conf if c in conf[s])) for c in table.conf_columns]
-        lines.append([
+        rows.append(dict(zip(header, [
             row.label, *values,
             result.status or _db(result.si_snri), _printed(row.thesis_value(THESIS_SI_SNRI)),
             NO_VALUE if result.status else _db(result.sdri), _printed(row.thesis_value(THESIS_SDRI)),
@@ -252,13 +254,23 @@ def table_markdown(table: TableDefinition, experiments: list[Experiment], conf_p
             NO_VALUE if rf_s is None else f"{rf_s:.3f}", _printed(row.thesis_value(THESIS_RF)),
             _check(row, size_m, rf_s), row.vs_paper or NO_VALUE, _notes(row, table, by_row),
             NO_VALUE if result.n_eval is None else str(result.n_eval),
-            result.budget, result.trained, f"`{experiment.exp_dir.name}`"])
+            result.budget, result.trained, f"`{experiment.exp_dir.name}`"])))
+    return header, rows
+
+
+def _command(experiments: list[Experiment], conf_path: str | Path, cli_overrides: dict[str, str]) -> str:
     data_options = [f"{DATA_OPTIONS[e.data]} {e.data_dir}" for e in experiments if e.data_dir is not None]
-    command = " ".join([f"--conf {conf_path}", *dict.fromkeys(data_options),
-                        *(f"--{k} {v}" for k, v in cli_overrides.items())])
+    return " ".join([f"--conf {conf_path}", *dict.fromkeys(data_options),
+                     *(f"--{k} {v}" for k, v in cli_overrides.items())])
+
+
+def table_markdown(table: TableDefinition, experiments: list[Experiment], conf_path: str | Path,
+                   cli_overrides: dict[str, str]) -> str:
+    """The markdown of one table (module doc)."""
+    header, rows = table_cells(table, experiments)
     header_text = [f"# {table.title}", "",
                    f"Built {time.strftime('%Y-%m-%d %H:%M')} by stage 5 (`local/tables.py`) from "
-                   f"`{table.path.name}`, with `{command}`.", ""]
+                   f"`{table.path.name}`, with `{_command(experiments, conf_path, cli_overrides)}`.", ""]
     for note in table.notes:
         header_text += [note, ""]
     header_text += [
@@ -271,22 +283,57 @@ def table_markdown(table: TableDefinition, experiments: list[Experiment], conf_p
         "rounded as printed there; \"thesis vs paper\" says where the thesis' figure is also "
         "the Conv-TasNet paper's WSJ0-2mix figure (Luo and Mesgarani, IEEE/ACM TASLP 2019).",
         ""]
-    return "\n".join(header_text) + "\n" + _markdown_table(header, lines)
+    return "\n".join(header_text) + "\n" + _markdown_table(header, [[r[h] for h in header] for r in rows])
+
+
+SUMMARY_HEADER = ["row", "ours SI-SNRi / SDRi", "thesis", "ours − thesis", "size (M) computed / printed",
+                  "RF (s) computed / printed", "thesis vs paper (WSJ0-2mix)", "trained"]
+
+
+def summary_markdown(tables: Sequence[tuple[TableDefinition, list[Experiment]]], conf_path: str | Path,
+                     cli_overrides: dict[str, str]) -> str:
+    """One compact table per thesis table (for RESULTS.md): scores, the thesis', the gap,
+    computed / printed size and RF (flagged where they disagree), what training used."""
+    def pair(a: str, b: str) -> str:
+        return NO_VALUE if a == b == NO_VALUE else f"{a} / {b}"
+
+    lines = [f"Built {time.strftime('%Y-%m-%d %H:%M')} by stage 5 (`local/tables.py`); the full "
+             "tables are `table_<name>.md` beside this file. dB; ours − thesis: SI-SNRi / SDRi.", ""]
+    for table, experiments in tables:
+        _, rows = table_cells(table, experiments)
+        cells = []
+        for r in rows:
+            flags = r["computed vs printed"]
+            size, rf = pair(r["size (M)"], r["thesis size"]), pair(r["RF (s)"], r["thesis RF"])
+            size += " **differs**" if "size differs" in flags else ""
+            rf += " **differs**" if "RF differs" in flags else ""
+            ours = r["SI-SNRi (dB)"] if r["SDRi (dB)"] == NO_VALUE else pair(r["SI-SNRi (dB)"], r["SDRi (dB)"])
+            cells.append([r["row"], ours, pair(r["thesis SI-SNRi"], r["thesis SDRi"]),
+                          r["ours − thesis (dB)"], size, rf, r["thesis vs paper (WSJ0-2mix)"],
+                          r["trained"]])
+        lines += [f"### {table.title}", "",
+                  f"`{_command(experiments, conf_path, cli_overrides)}`", "",
+                  _markdown_table(SUMMARY_HEADER, cells)]
+    return "\n".join(lines)
 
 
 def build_tables(tables: Sequence[str], conf_path: str | Path, cli_overrides: dict[str, str],
                  exp_root: str | Path, data_dirs: dict[str, str | Path | None],
                  out_dir: str | Path, tables_dir: str | Path = TABLES_DIR) -> list[Path]:
-    """Write `<out_dir>/table_<name>.md` for each table; returns the paths."""
+    """Write `<out_dir>/table_<name>.md` for each table, then `<out_dir>/summary.md` (all of
+    them, compact); returns the paths, summary last."""
     conf_file = read_conf(conf_path)
-    written = []
+    written, built = [], []
     for name in tables:
         table = read_table(name, conf_file, tables_dir)
         experiments = plan_experiments([table], conf_path, cli_overrides, exp_root, data_dirs)
         path = Path(out_dir) / f"table_{table.name}.md"
         atomic_write_text(path, table_markdown(table, experiments, conf_path, cli_overrides))
         written.append(path)
-    return written
+        built.append((table, experiments))
+    summary = Path(out_dir) / "summary.md"
+    atomic_write_text(summary, summary_markdown(built, conf_path, cli_overrides))
+    return [*written, summary]
 
 
 def main(argv: Sequence[str] | None = None) -> list[Path]:

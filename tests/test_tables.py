@@ -288,7 +288,7 @@ def test_rows_7_and_8_print_the_size_of_b256(repo_root):
 def test_tables_show_the_thesis_values_before_anything_is_trained(repo_root, tmp_path):
     """What the lead's CPU run builds, without the training: the thesis' rows and values,
     computed against printed sizes and receptive fields, the paper's figures."""
-    iv2, iv3, iv4 = build_tables(["IV2", "IV3", "IV4"], repo_root / "conf_cpu.yml",
+    iv2, iv3, iv4, summary = build_tables(["IV2", "IV3", "IV4"], repo_root / "conf_cpu.yml",
                                  {"max_minutes": "2"}, tmp_path / "exp",
                                  {"bsd": tmp_path / "data", "librimix": None, "wsj0-2mix": None},
                                  tmp_path / "tables")
@@ -324,6 +324,11 @@ def test_tables_show_the_thesis_values_before_anything_is_trained(repo_root, tmp
         "same as the paper's best WSJ0-2mix figure")
     assert rows["BSD-3mix: Conv-TasNet"]["thesis SI-SNRi"] == rows["BSD-2mix: IBM"]["thesis SDRi"] == "—"
     assert rows["Libri2Mix: Conv-TasNet"]["SI-SNRi (dB)"] == "not run (no --librimix_dir)"
+    text = summary.read_text()
+    assert text.count("\n### Table IV.") == 3 and summary.name == "summary.md"
+    assert ("| row 7 | not run | 13.0 / 13.3 | — | 2.243 / 3.2 **differs** | 1.278 / 1.28 | — | — |"
+            in text)
+    assert "| row 15 (causal) | not run | 10.6 / 11.0 | — | 5.051 / 5.1 | 1.533 / 1.53 |" in text
 
 
 @pytest.mark.parametrize("csv, message", [
@@ -416,7 +421,7 @@ def test_tables_show_scores_sizes_budget_and_missing_rows(swept, tmp_path):
     # A row added after the sweep is shown as not run.
     with open(tables_dir / "table_IV2.csv", "a") as f:
         f.write("pinv_softmax,Pinv + Softmax,pinv,softmax,,,,\n")
-    iv2, iv4 = build_tables(["IV2", "IV4"], args["conf_path"], args["cli_overrides"],
+    iv2, iv4, summary = build_tables(["IV2", "IV4"], args["conf_path"], args["cli_overrides"],
                             args["exp_root"], args["data_dirs"], tmp_path / "tables", tables_dir)
     assert iv2.name == "table_IV2.md" and iv2.read_text().startswith("# Tiny IV.2")
     rows = markdown_rows(iv2)
@@ -434,6 +439,8 @@ def test_tables_show_scores_sizes_budget_and_missing_rows(swept, tmp_path):
     assert ours["computed vs printed"] == "size ok, **RF differs** (0.0090 vs 0.034 printed)"
     assert ours["ours − thesis (dB)"] == (f"{bsd_metrics['si_sdr_imp'] - 15.1:+.2f} / "
                                           f"{bsd_metrics['sdr_imp'] - 15.4:+.2f}")
+    assert (f"| Linear + Sigmoid | {ours['SI-SNRi (dB)']} / {ours['SDRi (dB)']} | 15.1 / 15.4 | "
+            f"{ours['ours − thesis (dB)']} | 0.002 / 0.002 | 0.009 / 0.034 **differs** |") in summary.read_text()
     assert ours["budget"] == "≤1 ep"  # minutes from the TensorBoard logs (no time budget)
     assert re.fullmatch(r"1 ep, 2 steps, \d+\.\d min \(max epochs\)", ours["trained"])
     assert ours["experiment"] == f"`{bsd.tag}`" and ours["eval mixtures"] == "1"
@@ -458,7 +465,7 @@ def test_tables_show_scores_sizes_budget_and_missing_rows(swept, tmp_path):
 def test_tables_follow_the_budget(swept, tmp_path):
     """Another budget is another experiment: not run until the sweep runs it."""
     _, args, _ = swept
-    (iv4,) = build_tables(["IV4"], args["conf_path"], {**args["cli_overrides"], "epochs": "2"},
+    iv4, _ = build_tables(["IV4"], args["conf_path"], {**args["cli_overrides"], "epochs": "2"},
                           args["exp_root"], args["data_dirs"], tmp_path, args["tables_dir"])
     assert markdown_rows(iv4)["BSD-2mix"]["SI-SNRi (dB)"] == "not run"
 
