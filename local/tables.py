@@ -1,16 +1,18 @@
 """Stage 5's markdown tables (`<exp_root>/tables/table_IV2.md`, ...) from the experiment
 directories the sweep (local/sweep.py) trains: rebuilt from whatever exists, so rows not run
-yet show as "not run", and typing the thesis' values into the definition files needs no
-retraining, only a rebuild:
+yet show as "not run", and a change to the definition files' text (labels, notes, the thesis'
+values) needs no retraining, only a rebuild:
 
     python -m local.tables --conf conf_cpu.yml --exp_root exp --tables IV2 [--max_minutes 2 ...]
 
 (the same arguments as the sweep, so that the same experiment directories are found).
 
-Per row: our SI-SNRi and SDRi (eval.py's final_metrics.json), the thesis' values, the model
-size counted from the model, the receptive field computed from the hyperparameters, and the
-budget the experiment ran under (conf.yml: epochs, max_minutes) and what it used
-(best_model.pth: epochs, steps, why it stopped; checkpoints/last.ckpt: Lightning's timer).
+Per row: our SI-SNRi and SDRi (eval.py's final_metrics.json), the thesis' printed values and
+our gap to them, the model size counted from the model and the receptive field computed from
+the hyperparameters, each next to the printed one and flagged where the two disagree, where
+the thesis' figure stands against the Conv-TasNet paper's, and the budget the experiment ran
+under (conf.yml: epochs, max_minutes) and what it used (best_model.pth: epochs, steps, why it
+stopped; checkpoints/last.ckpt: Lightning's timer).
 
 Receptive field: one mask frame depends on F = 1 + R (P - 1) (2^X - 1) encoder frames (X
 dilated convolutions of kernel P, dilations 1 .. 2^(X-1), repeated R times); an output sample
@@ -31,8 +33,9 @@ from typing import Any, Sequence
 
 import torch
 
-from local.sweep import (DATA_OPTIONS, TABLES_DIR, Experiment, SweepError, TableDefinition,
-                         TableRow, file_sha256, parse_sweep_args, plan_experiments, read_table)
+from local.table_defs import (DATA_OPTIONS, TABLES_DIR, THESIS_RF, THESIS_SDRI, THESIS_SI_SNRI,
+                              THESIS_SIZE, Experiment, SweepError, TableDefinition, TableRow,
+                              file_sha256, parse_sweep_args, plan_experiments, read_table)
 from model import make_model, model_kwargs
 from utils.atomic import atomic_write_text
 from utils.config import ConfError, read_conf
@@ -170,23 +173,32 @@ def agrees(ours: float, published: str) -> bool:
     return abs(ours - float(published)) <= 0.5 * 10 ** -_decimals(published) + 1e-9
 
 
-def _thesis(value: str) -> str:
-    return value if value else "n/a"
+def _printed(value: str) -> str:
+    return value if value else NO_VALUE
 
 
 def _db(value: float | None) -> str:
     return NO_VALUE if value is None else f"{value:.2f}"
 
 
+def _gap(result: Result, row: TableRow) -> str:
+    """Ours minus the thesis', SI-SNRi / SDRi, in dB."""
+    pairs = ((result.si_snri, row.thesis_value(THESIS_SI_SNRI)), (result.sdri, row.thesis_value(THESIS_SDRI)))
+    if result.status or not all(published for _, published in pairs):
+        return NO_VALUE
+    return " / ".join(f"{ours - float(published):+.2f}" for ours, published in pairs)
+
+
 def _check(row: TableRow, size_m: float | None, rf_s: float | None) -> str:
-    """Model size and receptive field against the thesis' (when typed in)."""
+    """Model size and receptive field against the thesis' printed ones."""
     checks = []
-    for name, ours, column in (("size", size_m, "thesis_params_m"), ("RF", rf_s, "thesis_rf_s")):
-        published = row.thesis[column]
+    for name, ours, column in (("size", size_m, THESIS_SIZE), ("RF", rf_s, THESIS_RF)):
+        published = row.thesis_value(column)
         if published and ours is not None:
+            shown = f"{ours:.{_decimals(published) + 1}f}"
             checks.append(f"{name} ok" if agrees(ours, published)
-                          else f"**{name} differs** ({ours:.3g} vs {published})")
-    return ", ".join(checks) if checks else "n/a"
+                          else f"**{name} differs** ({shown} vs {published} printed)")
+    return ", ".join(checks) if checks else NO_VALUE
 
 
 def _conf_text(value: Any) -> str:
@@ -202,14 +214,28 @@ def _markdown_table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def table_markdown(table: TableDefinition, experiments: list[Experiment], conf_path: str | Path,
-                   cli_overrides: dict[str, str]) -> str:
-    """The markdown of one table (module doc)."""
+def _notes(row: TableRow, table: TableDefinition, by_row: dict[tuple[str, str], Experiment]) -> str:
+    """The row's note, and the earlier row of the table it shares its experiment with."""
+    notes = [row.note] if row.note else []
+    experiment = by_row[(row.table, row.row)]
+    twin = next((other for other in table.rows[:table.rows.index(row)]
+                 if other.method == row.method and by_row[(other.table, other.row)] is experiment), None)
+    if twin is not None:
+        notes.append(f"same settings as {twin.label}: one experiment")
+    return "; ".join(notes) if notes else NO_VALUE
+
+
+FULL_HEADER = ("SI-SNRi (dB)", "thesis SI-SNRi", "SDRi (dB)", "thesis SDRi", "ours − thesis (dB)",
+               "size (M)", "thesis size", "RF (s)", "thesis RF", "computed vs printed",
+               "thesis vs paper (WSJ0-2mix)", "notes", "eval mixtures", "budget", "trained", "experiment")
+
+
+def table_cells(table: TableDefinition, experiments: list[Experiment]) -> tuple[list[str], list[dict[str, str]]]:
+    """The header of the full table (row, the row's conf keys as the thesis' symbols,
+    FULL_HEADER) and each row's cells by header."""
     by_row = {(row.table, row.row): exp for exp in experiments for row in exp.rows}
-    header = ["row", *(SYMBOLS.get(c, c) for c in table.conf_columns),
-              "SI-SNRi (dB)", "thesis SI-SNRi", "SDRi (dB)", "thesis SDRi", "size (M)",
-              "thesis size", "RF (s)", "thesis RF", "vs thesis", "eval mixtures", "budget", "trained", "experiment"]
-    lines = []
+    header = ["row", *(SYMBOLS.get(c, c) for c in table.conf_columns), *FULL_HEADER]
+    rows = []
     for row in table.rows:
         experiment = by_row[(row.table, row.row)]
         conf = experiment.conf
@@ -219,49 +245,95 @@ def table_markdown(table: TableDefinition, experiments: list[Experiment], conf_p
             rf_s = receptive_field_samples(model_kwargs(conf)) / conf["clips"]["sample_rate"]
         result = read_result(experiment, row.method)
         values = [_conf_text(next(conf[s][c] for s in conf if c in conf[s])) for c in table.conf_columns]
-        lines.append([
+        rows.append(dict(zip(header, [
             row.label, *values,
-            result.status or _db(result.si_snri), _thesis(row.thesis["thesis_si_snri"]),
-            NO_VALUE if result.status else _db(result.sdri), _thesis(row.thesis["thesis_sdri"]),
-            NO_VALUE if size_m is None else f"{size_m:.3f}", _thesis(row.thesis["thesis_params_m"]),
-            NO_VALUE if rf_s is None else f"{rf_s:.3f}", _thesis(row.thesis["thesis_rf_s"]),
-            _check(row, size_m, rf_s), NO_VALUE if result.n_eval is None else str(result.n_eval),
-            result.budget, result.trained, f"`{experiment.exp_dir.name}`"])
+            result.status or _db(result.si_snri), _printed(row.thesis_value(THESIS_SI_SNRI)),
+            NO_VALUE if result.status else _db(result.sdri), _printed(row.thesis_value(THESIS_SDRI)),
+            _gap(result, row),
+            NO_VALUE if size_m is None else f"{size_m:.3f}", _printed(row.thesis_value(THESIS_SIZE)),
+            NO_VALUE if rf_s is None else f"{rf_s:.3f}", _printed(row.thesis_value(THESIS_RF)),
+            _check(row, size_m, rf_s), row.vs_paper or NO_VALUE, _notes(row, table, by_row),
+            NO_VALUE if result.n_eval is None else str(result.n_eval),
+            result.budget, result.trained, f"`{experiment.exp_dir.name}`"])))
+    return header, rows
+
+
+def _command(experiments: list[Experiment], conf_path: str | Path, cli_overrides: dict[str, str]) -> str:
     data_options = [f"{DATA_OPTIONS[e.data]} {e.data_dir}" for e in experiments if e.data_dir is not None]
-    command = " ".join([f"--conf {conf_path}", *dict.fromkeys(data_options),
-                        *(f"--{k} {v}" for k, v in cli_overrides.items())])
+    return " ".join([f"--conf {conf_path}", *dict.fromkeys(data_options),
+                     *(f"--{k} {v}" for k, v in cli_overrides.items())])
+
+
+def table_markdown(table: TableDefinition, experiments: list[Experiment], conf_path: str | Path,
+                   cli_overrides: dict[str, str]) -> str:
+    """The markdown of one table (module doc)."""
+    header, rows = table_cells(table, experiments)
     header_text = [f"# {table.title}", "",
                    f"Built {time.strftime('%Y-%m-%d %H:%M')} by stage 5 (`local/tables.py`) from "
-                   f"`{table.path.name}`, with `{command}`.", ""]
+                   f"`{table.path.name}`, with `{_command(experiments, conf_path, cli_overrides)}`.", ""]
     for note in table.notes:
         header_text += [note, ""]
     header_text += [
         "Ours: SI-SNRi and SDRi on the test split (eval.py, full-length mixtures); size: "
         "parameters counted from the model, in millions; RF: receptive field of the "
         "convolutions in seconds, from L, P, X, R (`local/tables.py`); budget: the experiment's "
-        "epochs / wall-time limits, and what it used. \"vs thesis\" compares size and RF with "
-        "the thesis' values rounded as printed there.",
-        "",
-        f"Thesis columns: n/a where the thesis' value has not been typed in; fill in the "
-        f"`thesis_*` columns of `{table.path.name}` from the thesis and rerun stage 5 (or "
-        "`python -m local.tables` with the same options): finished rows are not retrained.",
+        "epochs / wall-time limits, and what it used. Thesis columns: its values as printed "
+        f"(`{table.path.name}`, copied from the thesis' tables), — where the thesis has no such "
+        "figure. \"computed vs printed\" compares our size and RF with the printed ones, "
+        "rounded as printed there; \"thesis vs paper\" says where the thesis' figure is also "
+        "the Conv-TasNet paper's WSJ0-2mix figure (Luo and Mesgarani, IEEE/ACM TASLP 2019).",
         ""]
-    return "\n".join(header_text) + "\n" + _markdown_table(header, lines)
+    return "\n".join(header_text) + "\n" + _markdown_table(header, [[r[h] for h in header] for r in rows])
+
+
+SUMMARY_HEADER = ["row", "ours SI-SNRi / SDRi", "thesis", "ours − thesis", "size (M) computed / printed",
+                  "RF (s) computed / printed", "thesis vs paper (WSJ0-2mix)", "trained"]
+
+
+def summary_markdown(tables: Sequence[tuple[TableDefinition, list[Experiment]]], conf_path: str | Path,
+                     cli_overrides: dict[str, str]) -> str:
+    """One compact table per thesis table (for RESULTS.md): scores, the thesis', the gap,
+    computed / printed size and RF (flagged where they disagree), what training used."""
+    def pair(a: str, b: str) -> str:
+        return NO_VALUE if a == b == NO_VALUE else f"{a} / {b}"
+
+    lines = [f"Built {time.strftime('%Y-%m-%d %H:%M')} by stage 5 (`local/tables.py`); the full "
+             "tables are `table_<name>.md` beside this file. dB; ours − thesis: SI-SNRi / SDRi.", ""]
+    for table, experiments in tables:
+        _, rows = table_cells(table, experiments)
+        cells = []
+        for r in rows:
+            flags = r["computed vs printed"]
+            size, rf = pair(r["size (M)"], r["thesis size"]), pair(r["RF (s)"], r["thesis RF"])
+            size += " **differs**" if "size differs" in flags else ""
+            rf += " **differs**" if "RF differs" in flags else ""
+            ours = r["SI-SNRi (dB)"] if r["SDRi (dB)"] == NO_VALUE else pair(r["SI-SNRi (dB)"], r["SDRi (dB)"])
+            cells.append([r["row"], ours, pair(r["thesis SI-SNRi"], r["thesis SDRi"]),
+                          r["ours − thesis (dB)"], size, rf, r["thesis vs paper (WSJ0-2mix)"],
+                          r["trained"]])
+        lines += [f"### {table.title}", "",
+                  f"`{_command(experiments, conf_path, cli_overrides)}`", "",
+                  _markdown_table(SUMMARY_HEADER, cells)]
+    return "\n".join(lines)
 
 
 def build_tables(tables: Sequence[str], conf_path: str | Path, cli_overrides: dict[str, str],
                  exp_root: str | Path, data_dirs: dict[str, str | Path | None],
                  out_dir: str | Path, tables_dir: str | Path = TABLES_DIR) -> list[Path]:
-    """Write `<out_dir>/table_<name>.md` for each table; returns the paths."""
+    """Write `<out_dir>/table_<name>.md` for each table, then `<out_dir>/summary.md` (all of
+    them, compact); returns the paths, summary last."""
     conf_file = read_conf(conf_path)
-    written = []
+    written, built = [], []
     for name in tables:
         table = read_table(name, conf_file, tables_dir)
         experiments = plan_experiments([table], conf_path, cli_overrides, exp_root, data_dirs)
         path = Path(out_dir) / f"table_{table.name}.md"
         atomic_write_text(path, table_markdown(table, experiments, conf_path, cli_overrides))
         written.append(path)
-    return written
+        built.append((table, experiments))
+    summary = Path(out_dir) / "summary.md"
+    atomic_write_text(summary, summary_markdown(built, conf_path, cli_overrides))
+    return [*written, summary]
 
 
 def main(argv: Sequence[str] | None = None) -> list[Path]:
