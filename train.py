@@ -49,7 +49,8 @@ from utils.allocator import keep_freed_memory
 from utils.atomic import atomic_path, atomic_write_text
 from utils.config import Conf, ConfError, parse_stage_args, read_conf, write_conf
 from utils.stage_marker import clear_done, is_done, mark_done
-from utils.training_callbacks import LR_SCHEDULES, BudgetSchedule, LearningCurve, TrainingClock
+from utils.training_callbacks import (LR_SCHEDULES, BudgetSchedule, ExpectedTime, LearningCurve,
+                                      TrainingClock)
 
 
 def train(conf: Conf, data_dir: str | Path, exp_dir: str | Path) -> Path:
@@ -85,7 +86,8 @@ def train(conf: Conf, data_dir: str | Path, exp_dir: str | Path) -> Path:
     train_loader, val_loader = make_loaders(conf, data_dir)
     scheduler, schedule_callbacks = make_lr_schedule(conf, optimizer)
     clock = TrainingClock()
-    callbacks = [clock, LearningCurve(exp_dir, clock), *schedule_callbacks]
+    callbacks = [clock, LearningCurve(exp_dir, clock), *schedule_callbacks,
+                 ExpectedTime(t["max_minutes"], CPU_PRESET_HINT)]
     trainer, best_ckpts, early_stop = _make_trainer(conf, exp_dir, len(train_loader), precision,
                                                     callbacks)
     if trainer.world_size > 1:   # known only now: Lightning's DistributedSampler shards the data
@@ -131,6 +133,9 @@ PLATFORM_KEYS = RESUMABLE_KEYS - {"epochs", "max_minutes", "early_stop", "patien
 # The conf sections this stage reads (besides common.seed and clips.sample_rate).
 TRAINING_SECTIONS = ("model", "training", "optim")
 PROGRESS_REFRESH_STEPS_GPU = 20
+# Printed when a CPU run would take hours (utils/training_callbacks.ExpectedTime).
+CPU_PRESET_HINT = ("Without a GPU, conf_cpu.yml is the 30-minute preset: ./run.sh --stage 3 "
+                   "--conf conf_cpu.yml (stop this run with Ctrl-C; rerunning it resumes)")
 
 
 class SaveLastOnTrainEnd(Callback):

@@ -151,3 +151,30 @@ def test_unknown_schedule_is_refused(dm_conf):
     dm_conf["optim"].update(lr_schedule="cosine", lr_final_fraction=2.0)
     with pytest.raises(ConfError, match="lr_final_fraction"):
         make_lr_schedule(dm_conf, optimizer)
+
+
+def test_expected_time_is_printed_with_the_cpu_hint(monkeypatch, capsys):
+    from types import SimpleNamespace
+
+    import utils.training_callbacks as callbacks
+
+    trainer = SimpleNamespace(is_global_zero=True, global_step=0, max_epochs=10,
+                              num_training_batches=653)
+    # 2 s per step.
+    monkeypatch.setattr(callbacks, "time",
+                        SimpleNamespace(monotonic=lambda: 2.0 * trainer.global_step))
+    module = SimpleNamespace(device=torch.device("cpu"))
+
+    def run(max_minutes: float) -> str:
+        expected = callbacks.ExpectedTime(max_minutes, "use the preset", after_steps=3)
+        for step in range(1, 6):
+            trainer.global_step = step
+            expected.on_train_batch_end(trainer, module, None, None, step - 1)
+        return capsys.readouterr().out
+
+    out = run(0)
+    assert out.count("train:") == 1 and "2.00 s per step" in out
+    assert f"remaining {6530 - 4} steps" in out and "3.6 h" in out and "use the preset" in out
+    # A 30-minute budget: no hint, the budget is said.
+    out = run(30)
+    assert "after 30 min" in out and "use the preset" not in out

@@ -142,3 +142,38 @@ class BudgetSchedule(Callback):
         for optimizer in trainer.optimizers:
             for group in optimizer.param_groups:
                 group["lr"] = self.base_lr * factor
+
+
+class ExpectedTime(Callback):
+    """After the first `after_steps` steps of a run, print what the rest of its epochs will
+    take at the measured pace (validation not counted), and, where that is over an hour on a
+    CPU with no shorter time budget, `cpu_hint` (how to choose the 30-minute CPU preset)."""
+
+    def __init__(self, max_minutes: float, cpu_hint: str, after_steps: int = 20):
+        self.max_minutes, self.cpu_hint, self.after_steps = max_minutes, cpu_hint, after_steps
+        self._first: tuple[float, int] | None = None   # (time, step) after the warm-up step
+        self._done = False
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self._done or not trainer.is_global_zero:
+            return
+        if self._first is None:
+            self._first = (time.monotonic(), trainer.global_step)
+            return
+        started, first_step = self._first
+        steps = trainer.global_step - first_step
+        if steps < self.after_steps:
+            return
+        self._done = True
+        step_s = (time.monotonic() - started) / steps
+        remaining = trainer.max_epochs * trainer.num_training_batches - trainer.global_step
+        hours = remaining * step_s / 3600
+        message = (f"train: {step_s:.2f} s per step here: the remaining {remaining} steps of "
+                   f"{trainer.max_epochs} epochs take about {hours:.1f} h, validation not counted")
+        if self.max_minutes > 0:
+            message += f"; the time budget stops training after {self.max_minutes:g} min in all"
+        budget_h = self.max_minutes / 60 if self.max_minutes > 0 else float("inf")
+        if pl_module.device.type == "cpu" and min(hours, budget_h) > 1:
+            message += f". {self.cpu_hint}"
+        print(message, flush=True)
