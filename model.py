@@ -175,8 +175,7 @@ def compile_in_place(model: torch.nn.Module, mode: str = "default", depthwise: s
 
 
 # torch's fused Adam/AdamW/SGD (CPU and CUDA) update every parameter in one kernel instead of
-# a dozen small ops per tensor: measured 10.8 -> 2.2 ms per step for conf_cpu.yml's model and
-# 27 -> 8.4 ms for conf.yml's, one CPU thread, torch 2.11.
+# a dozen small ops per tensor, several times faster (RESULTS.md, Speed).
 FUSED_OPTIMIZERS = ("adam", "adamw", "sgd")
 
 

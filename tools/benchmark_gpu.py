@@ -26,7 +26,7 @@ train split, fetched once and kept on the device; synthetic chirps without --dat
   * with --data_dir: seconds per batch of the recipe's DataLoader (workers, pinned memory),
     against ours_bf16's training step.
 Results go to --json after every part (a run cut short keeps what it measured). On a CPU it
-runs too: its quality part compares CPU bf16 training with float32 (README, Speed), the tests
+runs too: its quality part compares CPU bf16 training with float32 (RESULTS.md, Speed), the tests
 run it with tiny configs.
 """
 from __future__ import annotations
