@@ -1,4 +1,4 @@
-"""Fused CPU kernels for fast_tasnet.py's gLN blocks and mask head (csrc/tcn_kernels.c), built
+"""Fused CPU kernels for tasnet.py's gLN blocks and mask head (csrc/tcn_kernels.c), built
 on first use.
 
 torch runs a block's elementwise steps and reductions (PReLU, norm statistics, depthwise taps
@@ -10,7 +10,7 @@ The C file is compiled with the system's C compiler (`cc`, or $CC) for this CPU
 (-march=native) into a cache directory ($BIRDSEP_CACHE, default ~/.cache/birdsep), keyed by the
 source, the flags and the CPU, and loaded with ctypes; no torch headers, so it builds in about a
 second.  Without a compiler, or with BIRDSEP_NATIVE=0, `kernels()` returns None and
-fast_tasnet.py uses its torch implementation (same results, slower); the reason is logged once.
+tasnet.py uses its torch implementation (same results, slower); the reason is logged once.
 """
 from __future__ import annotations
 

@@ -99,7 +99,7 @@ def build_model(kwargs: dict[str, Any], impl: str) -> torch.nn.Module:
     return cls(**kwargs)
 
 
-def _batch(n_src: int, batch: int, samples: int, seed: int):
+def random_batch(n_src: int, batch: int, samples: int, seed: int):
     """Mixture and sources: bird-like chirps in noise, the same for every implementation."""
     gen = torch.Generator().manual_seed(seed)
     t = torch.arange(samples) / 8000.0
@@ -168,7 +168,7 @@ def _training_step(model, impl: str, case, samples, device, bf16: bool = False
 
     loss_func = PITLossWrapper(pairwise_neg_sisdr, pit_from="pw_mtx")
     optimizer = optimizer_for(impl, model.parameters(), case["lr"])
-    mixture, sources = _batch(case["kwargs"]["n_src"], case["batch"], samples, case["seed"])
+    mixture, sources = random_batch(case["kwargs"]["n_src"], case["batch"], samples, case["seed"])
     mixture, sources = mixture.to(device), sources.to(device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
     model.train()
@@ -238,8 +238,8 @@ def _train_pair_case(case) -> dict[str, Any]:
 
 def _infer_case(model, case, samples) -> dict[str, Any]:
     model.eval()
-    mixture, _ = _batch(case["kwargs"]["n_src"], 1, samples, case["seed"])
-    warm, _ = _batch(case["kwargs"]["n_src"], 1, min(samples, 5 * case["kwargs"]["sample_rate"]),
+    mixture, _ = random_batch(case["kwargs"]["n_src"], 1, samples, case["seed"])
+    warm, _ = random_batch(case["kwargs"]["n_src"], 1, min(samples, 5 * case["kwargs"]["sample_rate"]),
                      case["seed"])
     rss_before = _peak_rss_mb()
     times = []
@@ -332,7 +332,7 @@ def _check_parity(kwargs, seconds, batch, seed, device: torch.device) -> dict[st
     stock = build_model(kwargs, "stock").to(device)
     ours = build_model(kwargs, "fast").to(device)
     ours.load_state_dict(stock.state_dict(), strict=True)
-    mixture, sources = _batch(kwargs["n_src"], batch, int(seconds * kwargs["sample_rate"]), seed)
+    mixture, sources = random_batch(kwargs["n_src"], batch, int(seconds * kwargs["sample_rate"]), seed)
     mixture, sources = mixture.to(device), sources.to(device)
     out_stock, grads_stock = _forward_backward(stock, mixture, sources)
     out_ours, grads_ours = _forward_backward(ours, mixture, sources)
@@ -385,7 +385,7 @@ def _scoring_mixtures(data_dir: Optional[str], n_mixtures: int, sample_rate: int
 
     def synthetic():
         for k in range(count):
-            mixture, sources = _batch(2, 1, samples, seed + k)
+            mixture, sources = random_batch(2, 1, samples, seed + k)
             yield mixture[0].double().numpy(), sources[0].double().numpy()
 
     why = "no --data_dir" if csv_path is None else f"{csv_path} not found"
