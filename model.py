@@ -5,6 +5,12 @@ Encoder variants (conf `model.encoder`):
   linear  free (learned) filterbank, no activation, free decoder (asteroid's default)
   relu    free filterbank followed by a ReLU, free decoder
   pinv    free encoder filterbank; the decoder is its pseudo-inverse (no decoder weights)
+
+Implementations (conf `model.implementation`):
+  stock   asteroid's own ConvTasNet (BirdConvTasNet below adds only what pinv needs to reload)
+  fast    fast_tasnet.FastConvTasNet: the same arguments, parameters and state dict with a
+          faster forward and backward pass (fast_tasnet/). Imported only for this setting.
+Either writes a `best_model.pth` that asteroid's `ConvTasNet.from_pretrained` loads.
 """
 from __future__ import annotations
 
@@ -13,31 +19,85 @@ from typing import Any, Callable
 
 import torch
 from asteroid.engine.optimizers import make_optimizer
+from asteroid.models import ConvTasNet
+from asteroid.utils.hub_utils import cached_download
 
-from fast_tasnet import DEPTHWISE_FORMS, FastConvTasNet
 from utils.config import Conf, ConfError
 
 ENCODER_VARIANTS = ("linear", "relu", "pinv")
+IMPLEMENTATIONS = ("fast", "stock")
 # Normalisations that only look at the past; gLN/BN statistics span the whole utterance.
 CAUSAL_NORMS = ("cLN", "cgLN")
 
 
-class BirdConvTasNet(FastConvTasNet):
-    """The recipe's Conv-TasNet: fast_tasnet's drop-in ConvTasNet (same arguments and state
-    dict as asteroid's, serialised as "ConvTasNet" with `who_is_pinv` kept, so a pseudo-inverse
-    decoder reloads as one, also through `asteroid.models.ConvTasNet.from_pretrained`).
+class BirdConvTasNet(ConvTasNet):
+    """asteroid's ConvTasNet that keeps `who_is_pinv` in its model args and serialises as
+    "ConvTasNet", so that a pseudo-inverse decoder reloads as one, also through
+    `asteroid.models.ConvTasNet.from_pretrained`.
 
     A pseudo-inverse decoder shares the encoder's filterbank, so its state dict has exactly the
     layout of a free decoder and would load into a plain ConvTasNet without complaint, then run
-    with the wrong decoder: hence `who_is_pinv` in the model args.
+    with the wrong decoder: hence `who_is_pinv` in the model args (asteroid's `make_enc_dec`
+    takes it; asteroid's `get_model_args` leaves it out).
     """
 
-    @property
-    def encoder_variant(self) -> str:
-        """linear, relu or pinv (the conf's `model.encoder`)."""
-        if self.decoder.is_pinv:
-            return "pinv"
-        return "relu" if self.encoder_activation == "relu" else "linear"
+    def get_model_args(self) -> dict[str, Any]:
+        args = super().get_model_args()
+        pinv = "dec" if self.decoder.is_pinv else "enc" if self.encoder.is_pinv else None
+        if pinv:
+            args["who_is_pinv"] = pinv
+        return args
+
+    def serialize(self) -> dict[str, Any]:
+        package = super().serialize()
+        package["model_name"] = "ConvTasNet"   # asteroid's name: every asteroid tool loads it
+        # asteroid stores torch.__version__ as a TorchVersion, which torch.load refuses to
+        # unpickle with weights_only=True (its default): plain strings instead.
+        versions = package["infos"]["software_versions"]
+        package["infos"]["software_versions"] = {k: str(v) for k, v in versions.items()}
+        return package
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_conf_or_path, *args, **kwargs) -> "BirdConvTasNet":
+        """A serialised ConvTasNet (the recipe's or asteroid's) as a BirdConvTasNet (asteroid's
+        own `from_pretrained` would build a ConvTasNet from the name "ConvTasNet")."""
+        package = pretrained_model_conf_or_path
+        if not isinstance(package, dict):
+            package = torch.load(cached_download(str(package)), map_location="cpu")
+        if package.get("model_name") != "ConvTasNet" or not {"model_args", "state_dict"} <= set(package):
+            raise ValueError("expected a serialised asteroid ConvTasNet (model_name, model_args, "
+                             f"state_dict), got keys {sorted(package)} with model_name "
+                             f"{package.get('model_name')!r}")
+        model = cls(*args, **{**package["model_args"], **kwargs})
+        model.load_state_dict(package["state_dict"])
+        return model
+
+
+def fast_package():
+    """The fast implementation (fast_tasnet/), imported only when a conf asks for it."""
+    import fast_tasnet   # the recipe's one import of the fast package
+
+    return fast_tasnet
+
+
+def model_class(implementation: str) -> type[ConvTasNet]:
+    """The class an `implementation` (conf `model.implementation`) builds."""
+    if implementation not in IMPLEMENTATIONS:
+        raise ConfError(f"--implementation {implementation!r}: expected one of "
+                        f"{', '.join(IMPLEMENTATIONS)}")
+    return BirdConvTasNet if implementation == "stock" else fast_package().FastConvTasNet
+
+
+def is_fast(model: torch.nn.Module) -> bool:
+    """Whether `model` runs the fast implementation (only FastConvTasNet has an `impl`)."""
+    return getattr(model, "impl", "stock") != "stock"
+
+
+def encoder_variant(model: ConvTasNet) -> str:
+    """linear, relu or pinv (the conf's `model.encoder`) of a built model."""
+    if model.decoder.is_pinv:
+        return "pinv"
+    return "relu" if model.encoder_activation == "relu" else "linear"
 
 
 def model_kwargs(conf: Conf) -> dict[str, Any]:
@@ -74,19 +134,9 @@ def model_kwargs(conf: Conf) -> dict[str, Any]:
     )
 
 
-IMPLEMENTATIONS = ("fast", "stock")
-
-
-def make_model(conf: Conf) -> BirdConvTasNet:
+def make_model(conf: Conf) -> ConvTasNet:
     """The one place a separation model is built from a conf."""
-    implementation = conf["model"]["implementation"]
-    if implementation not in IMPLEMENTATIONS:
-        raise ConfError(f"--implementation {implementation!r}: expected one of "
-                        f"{', '.join(IMPLEMENTATIONS)}")
-    model = BirdConvTasNet(**model_kwargs(conf))
-    # Same weights and results either way; "stock" runs asteroid's own forward.
-    model.impl = "auto" if implementation == "fast" else "stock"
-    return model
+    return model_class(conf["model"]["implementation"])(**model_kwargs(conf))
 
 
 # torch.compile's modes; those that capture CUDA graphs need each step marked as a new one.
@@ -106,14 +156,16 @@ def compile_in_place(model: torch.nn.Module, mode: str = "default", depthwise: s
     validation step calls before the forward: with CUDA graphs, the mark of a new step (a graph
     replays into the same output buffers).
 
-    Ours runs compiled on its plain-operator path (what it runs on GPUs anyway: the CPU path's
-    autograd functions and C kernels break dynamo's graphs), with the depthwise convolution in
-    the `depthwise` form (fast_tasnet.DEPTHWISE_FORMS): "shifted" sums of shifted copies are
-    elementwise operators that the compiler fuses with the norms and PReLUs around them."""
+    The fast model runs compiled on its plain-operator path (what it runs on GPUs anyway: the
+    CPU path's autograd functions and C kernels break dynamo's graphs), with the depthwise
+    convolution in the `depthwise` form (fast_tasnet.DEPTHWISE_FORMS): "shifted" sums of shifted
+    copies are elementwise operators that the compiler fuses with the norms and PReLUs around
+    them. A stock model compiles as it is."""
     check_compile_mode(mode)
-    if depthwise not in DEPTHWISE_FORMS:
-        raise ValueError(f"depthwise form {depthwise!r}: expected one of {', '.join(DEPTHWISE_FORMS)}")
-    if isinstance(model, FastConvTasNet) and model.impl != "stock":
+    if is_fast(model):
+        forms = fast_package().DEPTHWISE_FORMS
+        if depthwise not in forms:
+            raise ValueError(f"depthwise form {depthwise!r}: expected one of {', '.join(forms)}")
         model.impl = "autograd"
         model.depthwise = depthwise
     model.compile(mode=mode)
@@ -123,8 +175,7 @@ def compile_in_place(model: torch.nn.Module, mode: str = "default", depthwise: s
 
 
 # torch's fused Adam/AdamW/SGD (CPU and CUDA) update every parameter in one kernel instead of
-# a dozen small ops per tensor: measured 10.8 -> 2.2 ms per step for conf_cpu.yml's model and
-# 27 -> 8.4 ms for conf.yml's, one CPU thread, torch 2.11.
+# a dozen small ops per tensor, several times faster (RESULTS.md, Speed).
 FUSED_OPTIMIZERS = ("adam", "adamw", "sgd")
 
 
@@ -137,7 +188,7 @@ def make_recipe_optimizer(params, optimizer: str, lr: float, weight_decay: float
 
 
 def make_model_and_optimizer(conf: Conf, fused: bool = True
-                             ) -> tuple[BirdConvTasNet, torch.optim.Optimizer]:
+                             ) -> tuple[ConvTasNet, torch.optim.Optimizer]:
     """Model and its optimizer (conf `optim`: optimizer name, lr, weight_decay)."""
     model = make_model(conf)
     optim = conf["optim"]
@@ -149,10 +200,14 @@ def make_model_and_optimizer(conf: Conf, fused: bool = True
     return model, optimizer
 
 
-def load_best_model(exp_dir: str | Path) -> BirdConvTasNet:
-    """The trained model of an experiment (`<exp_dir>/best_model.pth`), in eval mode, on CPU."""
+def load_best_model(exp_dir: str | Path, implementation: str | None = None) -> ConvTasNet:
+    """The trained model of an experiment (`<exp_dir>/best_model.pth`), in eval mode, on CPU,
+    in `implementation` (default: the one it was trained with, fast for files that do not say)."""
     path = Path(exp_dir) / "best_model.pth"
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: train first (stage 3, train.py)")
-    model = BirdConvTasNet.from_pretrained(str(path))
-    return model.eval()
+    package = torch.load(path, map_location="cpu")
+    if implementation is None:
+        trained = package.get("infos", {}).get("training_config", {}).get("model", {})
+        implementation = trained.get("implementation", "fast")
+    return model_class(implementation).from_pretrained(package).eval()

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # BirdSep: Conv-TasNet separation of overlapping bird sounds (asteroid-style recipe).
 set -euo pipefail
+caller_dir=$PWD       # a relative --conf is found from here (the other paths: from the recipe)
 cd "$(dirname "$0")"
-# Idle OpenMP threads sleep instead of spinning: on a busy 2-core machine spinning threads
-# made a training step up to 5x slower (measured with tools/benchmark.py).
+# Idle OpenMP threads sleep instead of spinning: spinning threads slow training down badly on a
+# busy machine (RESULTS.md, Speed).
 export OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-PASSIVE}"
 
 cmdline="$0 $(printf '%q ' "$@")"
@@ -35,7 +36,8 @@ Stages:
 Options:
   --stage N          first stage (default: $stage)
   --stop_stage N     last stage (default: 4, or --stage when that is 5: stage 5 runs only when asked)
-  --conf FILE        configuration (default: $conf; conf_cpu.yml is a 2-core CPU preset)
+  --conf FILE        configuration, relative to the current directory (default: $conf in the
+                     recipe; conf_cpu.yml is a 2-core CPU preset)
   --data_dir DIR     data directory (default: $data_dir)
   --exp_root DIR     experiments directory (default: $exp_root)
   --tag NAME         experiment name (default: derived from --conf and overrides)
@@ -51,37 +53,65 @@ Examples:
   $0 --stage 3 --stop_stage 4 --conf conf_cpu.yml --max_minutes 30 --tag cpu30
   $0 --stage 5 --conf conf_cpu.yml --max_minutes 2 --tables IV2  # scaled-down sweep"
 
-# Declare every conf key as an (empty = not overridden) option. The conf file is found
-# before parsing, since its keys are the options.
-conf_for_keys=$conf
+run_options="stage stop_stage conf data_dir exp_root tag xc_source tables librimix_dir wsj0_2mix_dir python"
+
+# --help needs no conf file and no Python.
+for arg in "$@"; do
+  case "$arg" in --help|-h) printf '%s\n' "$help_message"; exit 0 ;; esac
+done
+
+# The conf file's keys are options too, so --conf and --python are needed before parsing.
+conf_arg=""
 for ((i = 1; i <= $#; i++)); do
+  j=$((i + 1))
   case "${!i}" in
-    --conf) j=$((i + 1)); conf_for_keys="${!j:-}" ;;
-    --conf=*) conf_for_keys="${!i#--conf=}" ;;
+    --conf) conf_arg="${!j:-}" ;;
+    --conf=*) conf_arg="${!i#--conf=}" ;;
+    --python) python="${!j:-}" ;;
+    --python=*) python="${!i#--python=}" ;;
   esac
 done
-[ -f "$conf_for_keys" ] || { echo "$0: configuration file not found: $conf_for_keys" >&2; exit 1; }
-# A preset ("base: FILE" at its top) has the keys of its base.
-conf_base=$(awk '/^base:/ { sub(/^base:[ \t]*/, ""); sub(/[ \t]+#.*/, ""); gsub(/["\047]/, ""); print }' "$conf_for_keys")
-if [ -n "$conf_base" ]; then
-  preset_file=$conf_for_keys
-  conf_for_keys="$(dirname "$preset_file")/$conf_base"
-  [ -f "$conf_for_keys" ] || { echo "$0: configuration file not found: $conf_for_keys (the base of $preset_file)" >&2; exit 1; }
+if [ -n "$conf_arg" ] && [[ "$conf_arg" != /* ]]; then
+  conf_arg="$caller_dir/$conf_arg"
 fi
-conf_keys=$(awk '/^  [A-Za-z_][A-Za-z0-9_]*:/ { sub(/^ +/, ""); sub(/:.*/, ""); print }' "$conf_for_keys")
+conf=${conf_arg:-$conf}
+
+# A fresh clone has no .venv yet: create it before asking Python for the conf keys.
+if [ "$python" = .venv/bin/python ] && { [ ! -f .venv/.requirements-installed ] ||
+    [ requirements.txt -nt .venv/.requirements-installed ]; }; then
+  log "Setting up the Python environment (.venv)"
+  utils/prepare_python_env.sh .venv
+fi
+
+# Every conf key (a preset's: its base's, as utils/config.py reads it) is an option, empty when
+# not overridden.
+conf_keys=$("$python" -m utils.config --keys "$conf") || {
+  echo "$0: cannot read the conf keys of --conf $conf (see above)" >&2; exit 1; }
+conf_keys=${conf_keys//$'\n'/ }
 for key in $conf_keys; do
   printf -v "$key" '%s' ""
 done
 
 _po_set=""
+_po_options="$run_options $conf_keys"   # parse_options.sh refuses any other name
 . utils/parse_options.sh
+[ -z "$conf_arg" ] || conf=$conf_arg    # resolved from the caller's directory
 
 if [ $# -gt 0 ]; then
   echo "$0: unexpected argument(s): $*" >&2; exit 1
 fi
+for opt in stage stop_stage; do
+  if [ -n "${!opt}" ] && [[ ! "${!opt}" =~ ^[0-5]$ ]]; then
+    echo "$0: --$opt ${!opt}: expected a stage number, 0 to 5" >&2; exit 1
+  fi
+done
+[ -n "$stage" ] || { echo "$0: --stage: expected a stage number, 0 to 5" >&2; exit 1; }
 # Stage 5 trains one model per table row: never part of a plain ./run.sh.
 if [ -z "$stop_stage" ]; then
   stop_stage=$(( stage > 4 ? stage : 4 ))
+fi
+if [ "$stage" -gt "$stop_stage" ]; then
+  echo "$0: --stage $stage is after --stop_stage $stop_stage: no stage to run" >&2; exit 1
 fi
 
 # Conf overrides given on the command line, passed on to every stage script.
@@ -99,12 +129,6 @@ if [ -z "$tag" ]; then
   tag="${tag//[^A-Za-z0-9_.=-]/}"
 fi
 exp_dir="$exp_root/$tag"
-
-if [ "$python" = .venv/bin/python ] && { [ ! -f .venv/.requirements-installed ] ||
-    [ requirements.txt -nt .venv/.requirements-installed ]; }; then
-  log "Setting up the Python environment (.venv)"
-  utils/prepare_python_env.sh .venv
-fi
 
 common=(--conf "$conf")
 

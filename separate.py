@@ -315,9 +315,8 @@ def separate_file(model: torch.nn.Module, path: str | Path, out_dir: str | Path,
 
 def use_bf16(setting: bool | str, device: str) -> bool:
     """Whether to separate with bf16 matrix products: `setting` true, or auto on a CPU with bf16
-    instructions (utils.cpu.cpu_has_native_bf16; there the thesis model separates about 1.4x
-    faster, and a trained model's SI-SNRi on BSD-2mix test moved by 0.002 dB). On GPUs auto
-    stays float32: inference is not what costs there (README, Speed)."""
+    instructions (utils.cpu.cpu_has_native_bf16; there it is faster with the same quality:
+    RESULTS.md, Speed). On GPUs auto stays float32: inference is not what costs there."""
     setting = auto_setting("--bf16", setting)
     if setting == "auto":
         return torch.device(device).type == "cpu" and cpu_has_native_bf16()

@@ -144,6 +144,7 @@ class BirdSystem(System):
 
 
 def trains_on_cuda(accelerator: str) -> bool:
+    """Whether Lightning's `accelerator` setting trains on a CUDA GPU here."""
     return torch.cuda.is_available() and str(accelerator).lower() in ("auto", "gpu", "cuda")
 
 
@@ -157,7 +158,7 @@ def resolve_precision(precision: str, accelerator: str) -> str:
 
 
 def compile_for_training(model: torch.nn.Module, setting: Any, accelerator: str, world_size: int,
-             mode: str) -> Optional[Callable[[], None]]:
+                         mode: str) -> Optional[Callable[[], None]]:
     """torch.compile the model in place (model.compile_in_place) as the conf's `compile` says:
     "auto" on one CUDA GPU, "true" on CUDA, never on CPU. Returns the per-step hook (see
     BirdSystem), or None where the model stays eager."""

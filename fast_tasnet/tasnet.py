@@ -14,7 +14,7 @@ faster implementation:
   second one's per-item scale applies to the block's residual and skip outputs.
 * On x86-64 CPUs in float32 the tall products (rows = batch x frames: the forward products and
   the input gradients) run on oneDNN's matmul, which torch ships (`torch.ops.mkldnn`), rather
-  than MKL's sgemm behind torch.mm: 13-30 % more GFLOP/s on this project's machine; a gLN block's
+  than MKL's sgemm behind torch.mm (faster for these shapes: RESULTS.md); a gLN block's
   residual and skip outputs are then one product over all items, scaled per item after it.
   In separation a sigmoid or ReLU mask activation runs inside its product.  BIRDSEP_ONEDNN=0
   keeps torch.mm.
@@ -34,9 +34,9 @@ faster implementation:
   (or, without one, a GEMM and a few torch passes).
 * Under CPU bf16 autocast (Lightning's bf16-mixed) the same path runs with the gLN blocks'
   matrix products in bf16 (operands rounded to bf16, results in float32; nearly all of the
-  model's arithmetic) and everything else in float32: about 2x faster products on a CPU with
-  AVX512_BF16, about 1.4x faster thesis training steps (CPUs without bf16 instructions emulate
-  them: not measured here, expected slower).
+  model's arithmetic) and everything else in float32: faster products and thesis training steps
+  on a CPU with AVX512_BF16 (CPUs without bf16 instructions emulate them: not measured here,
+  expected slower).
 * Elsewhere (CUDA, other autocast, float64 unless `impl="function"`) the same channels-last
   formulation runs on plain autograd operators, with gLN statistics in float32 or better.
 
@@ -45,7 +45,7 @@ free one, multi-channel input, a masker other than TDConvNet) run asteroid's own
 model is never wrong, only slower.  Checkpoints load both ways with `strict=True`;
 `serialize()` writes `model_name="ConvTasNet"` (and `who_is_pinv`), so asteroid's
 `ConvTasNet.from_pretrained` loads it; `FastConvTasNet.from_pretrained` loads either.
-Speed and parity figures: `python -m tools.benchmark`.
+Speed and parity: `python -m tools.benchmark` (figures in RESULTS.md).
 """
 from __future__ import annotations
 
@@ -307,8 +307,8 @@ def _prelu_backward_(grad: torch.Tensor, saved: torch.Tensor, slope: float, is_r
 # ----------------------------------------------------------------------------------------------
 # Matrix products in a lower precision (`gemm`: None, or torch.bfloat16 under CPU bf16 autocast):
 # the operands are rounded to it, the products come back in the activations' float32.  bf16
-# products ran about 2x faster than float32's through oneDNN here (AVX512_BF16; 2.2-2.5x faster
-# than MKL's), the roundings cost a pass each.
+# products run faster than float32's on a CPU with AVX512_BF16 (RESULTS.md); the roundings cost
+# a pass each.
 # ----------------------------------------------------------------------------------------------
 def _low(t: torch.Tensor, gemm: Optional[torch.dtype]) -> torch.Tensor:
     return t if gemm is None else t.to(gemm)
@@ -329,10 +329,9 @@ def _mm(a: torch.Tensor, b: torch.Tensor, gemm: Optional[torch.dtype],
 
 # Tall float32 products on CPU (rows = batch x frames, 128-1024 columns) go to oneDNN's matmul,
 # the op torch.compile's CPU backend emits for linear layers, instead of MKL's sgemm behind
-# torch.mm.  On this project's 2-core AMD EPYC (Zen 4) oneDNN ran the thesis model's
-# forward and input-gradient products at 190-220 GFLOP/s, MKL at 150-185 (16,000 and 60,000
-# rows); the weight-gradient products (long sums over the rows) were as fast or faster with
-# MKL and stay with torch.mm.  x86-64 only: elsewhere torch.mm's BLAS (Apple's Accelerate on
+# torch.mm.  On this project's 2-core AMD EPYC (Zen 4) oneDNN was faster for the thesis
+# model's forward and input-gradient products (RESULTS.md); the weight-gradient products (long
+# sums over the rows) were as fast or faster with MKL and stay with torch.mm.  x86-64 only: elsewhere torch.mm's BLAS (Apple's Accelerate on
 # Apple silicon, for one) was not measured against oneDNN.  BIRDSEP_ONEDNN=0 turns this off.
 _ONEDNN_MIN_ROWS = 1024
 _ONEDNN_MACHINES = ("x86_64", "amd64")
@@ -569,8 +568,8 @@ def _gln_output_gemms(q, rstd, mean, w_out, b_out, n_res, x, skip, gemm=None):
     shift = b_out - (rstd * mean).view(batch, 1) * w_out.sum(1)   # (B, O)
     rows = q.view(-1, q.shape[-1])
     if gemm is None and _onednn_for(rows) is not None:
-        # One product for all items and both outputs (256 columns: oneDNN ran it at 215-228
-        # GFLOP/s, against 160 for MKL's per-item accumulating products), then each item's
+        # One product for all items and both outputs (256 columns: oneDNN ran it faster than
+        # MKL's per-item accumulating products), then each item's
         # scale and shift in a pass over the narrow outputs.
         z = _linear(rows, w_out).view(batch, frames, out_chans)
         item_rstd = rstd.view(batch, 1, 1)

@@ -1,17 +1,16 @@
-"""Fused CPU kernels for fast_tasnet.py's gLN blocks and mask head (csrc/tcn_kernels.c), built
+"""Fused CPU kernels for tasnet.py's gLN blocks and mask head (csrc/tcn_kernels.c), built
 on first use.
 
 torch runs a block's elementwise steps and reductions (PReLU, norm statistics, depthwise taps
 and their gradients) as a dozen separate passes over (batch, frames, hidden) tensors, and the
 mask head's backward (decoder product, masking, activation) as six; these kernels do each
-group in one pass.  Measured with `python -m tools.benchmark` (thesis model,
-2 cores): see README, "Speed".
+group in one pass.  Speed: `python -m tools.benchmark` (figures in RESULTS.md, Speed).
 
 The C file is compiled with the system's C compiler (`cc`, or $CC) for this CPU
 (-march=native) into a cache directory ($BIRDSEP_CACHE, default ~/.cache/birdsep), keyed by the
 source, the flags and the CPU, and loaded with ctypes; no torch headers, so it builds in about a
 second.  Without a compiler, or with BIRDSEP_NATIVE=0, `kernels()` returns None and
-fast_tasnet.py uses its torch implementation (same results, slower); the reason is logged once.
+tasnet.py uses its torch implementation (same results, slower); the reason is logged once.
 """
 from __future__ import annotations
 

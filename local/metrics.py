@@ -72,10 +72,8 @@ def _toeplitz_inverse_forms(autocorr: np.ndarray, rhs: np.ndarray) -> np.ndarray
     L(v) is the lower triangular Toeplitz matrix with first column v and y = (0, x_{n-1}, ...,
     x_1). One Levinson solve (scipy's solve_toeplitz, O(n^2)) then serves every right-hand
     side, each applied with FFTs of about 2n points; one step of iterative refinement takes
-    out the rounding error of the difference of the two products. Measured on BSD-2mix test
-    (5 estimate sets of 2 sources per mixture, 103 mixtures), toeplitz_sdr takes 6.6 ms per
-    mixture with this, 8.8 ms with solve_toeplitz on each right-hand side and 14.1 ms with a
-    Cholesky factorisation of T, for the same SDRs (within 5e-10 dB of mir_eval's).
+    out the rounding error of the difference of the two products. Faster than solve_toeplitz on
+    each right-hand side or a Cholesky factorisation of T, for the same SDRs (RESULTS.md).
     Raises LinAlgError where Levinson's recursion breaks down (T numerically singular)."""
     n = autocorr.shape[0]
     unit = np.zeros(n)
@@ -126,10 +124,9 @@ def toeplitz_sdr(estimate_sets: np.ndarray, references: np.ndarray,
     e with reference j at those lags, and ||e - P_j e||^2 = ||e||^2 - ||P_j e||^2. So one
     solver per reference serves all K estimates, and only the (reference j, estimate j) pairs
     are computed. Correlations by FFT (of a fast length, not a power of two), then
-    _toeplitz_inverse_forms; mir_eval's direct solve where that breaks down. Measured on 103
-    BSD-2mix test mixtures (5 estimate sets of 2 sources each): 6.8 ms per mixture, against
-    27 ms for fast_bss_eval and 376 ms for mir_eval (55x), within 5e-10 dB of mir_eval (all
-    411: 4.4e-10 dB; BSD-3mix: 3.3e-10 dB).
+    _toeplitz_inverse_forms; mir_eval's direct solve where that breaks down. Much faster than
+    fast_bss_eval and mir_eval, and as exact as rounding allows (speed and agreement with
+    mir_eval: RESULTS.md).
 
     Like mir_eval, silent (all-zero) references or estimates are an error (the SDR is
     undefined), and signals shorter than the filter are fine. Above ~100 dB the figure is
@@ -149,7 +146,7 @@ def toeplitz_sdr(estimate_sets: np.ndarray, references: np.ndarray,
                          "(all zeros): their BSS Eval SDR is undefined")
     # Linear (not circular) correlations at lags 0..filter_length - 1, one signal at a time and
     # in place: multi-MB arrays come fresh from the OS at every call, and their page faults
-    # made the whole function 1.3x slower.
+    # slowed the whole function down.
     n_fft = scipy.fft.next_fast_len(n_samples + filter_length - 1, real=True)
     energy = np.einsum("kjt,kjt->kj", estimate_sets, estimate_sets)
     projected = np.empty((n_sets, n_src))

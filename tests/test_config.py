@@ -1,4 +1,5 @@
 import subprocess
+import sys
 
 import pytest
 
@@ -70,11 +71,25 @@ def test_bad_presets_are_errors(repo_root, tmp_path, text, message):
         read_conf(tmp_path / "bad.yml")
 
 
-def test_run_sh_takes_the_keys_of_a_presets_base(repo_root):
-    # --lr is set in conf.yml only; stages 6..5 parse the options and run nothing.
-    out = subprocess.run(["./run.sh", "--conf", "conf_cpu.yml", "--lr", "0.002", "--stage", "6",
-                          "--stop_stage", "5"], cwd=repo_root, capture_output=True, text=True)
-    assert out.returncode == 0, out.stderr
+def test_run_sh_takes_the_keys_of_a_presets_base(repo_root, tmp_path):
+    # --lr is set in conf.yml only; stage 4 on an empty experiment root then fails at once.
+    out = subprocess.run(["./run.sh", "--conf", "conf_cpu.yml", "--lr", "0.002", "--stage", "4",
+                          "--stop_stage", "4", "--exp_root", str(tmp_path)],
+                         cwd=repo_root, capture_output=True, text=True)
+    assert "Stage 4" in out.stdout and "unknown option" not in out.stderr, out.stderr
     out = subprocess.run(["./run.sh", "--conf", "conf_cpu.yml", "--hid_chans", "64"],
                          cwd=repo_root, capture_output=True, text=True)
     assert out.returncode != 0 and "unknown option --hid_chans" in out.stderr
+
+
+def test_keys_cli_prints_a_presets_keys_from_its_base(repo_root, tmp_path):
+    preset = tmp_path / "p.yml"
+    preset.write_text(f"base: {repo_root / 'conf.yml'}\nmodel:\n  n_filters: 24\n")
+    out = subprocess.run([sys.executable, "-m", "utils.config", "--keys", str(preset)],
+                         cwd=repo_root, capture_output=True, text=True)
+    keys = out.stdout.split()
+    conf = read_conf(repo_root / "conf.yml")
+    assert out.returncode == 0 and keys == [k for values in conf.values() for k in values]
+    out = subprocess.run([sys.executable, "-m", "utils.config", "--keys", str(tmp_path / "no.yml")],
+                         cwd=repo_root, capture_output=True, text=True)
+    assert out.returncode == 1 and f"configuration file not found: {tmp_path / 'no.yml'}" in out.stderr

@@ -350,7 +350,7 @@ def test_bf16_autocast_runs_the_fast_path(conf, norm_type):
     # Under CPU bf16 autocast (--precision bf16-mixed) ours keeps its fast path, with the gLN
     # blocks' matrix products in bf16 and everything else (cLN blocks too) in float32.
     _, ours = perturbed_pair(kwargs_for(conf, norm_type=norm_type))
-    mixture, sources = benchmark._batch(2, 2, SAMPLES, seed=1)
+    mixture, sources = benchmark.random_batch(2, 2, SAMPLES, seed=1)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert ours._mode(mixture) == "function"
     out32, grads32, _ = _outputs_and_grads(ours, mixture, sources, bf16=False)

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import itertools
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -9,7 +11,7 @@ from asteroid.losses import PITLossWrapper, pairwise_neg_sisdr
 from asteroid.models import ConvTasNet
 
 from conftest import TINY_MODEL
-from model import BirdConvTasNet, load_best_model, make_model, make_model_and_optimizer
+from model import encoder_variant, load_best_model, make_model, make_model_and_optimizer
 from utils.config import ConfError, read_conf
 
 
@@ -25,9 +27,12 @@ VARIANTS = list(itertools.product(["linear", "relu", "pinv"], ["sigmoid", "softm
                                   ["gLN", "cLN"], [False, True]))
 
 
+@pytest.mark.parametrize("implementation", ["fast", "stock"])
 @pytest.mark.parametrize("encoder,mask_act,norm_type,causal", VARIANTS)
-def test_every_variant_builds_and_separates(tiny_conf, encoder, mask_act, norm_type, causal):
-    tiny_conf["model"].update(encoder=encoder, mask_act=mask_act, norm_type=norm_type, causal=causal)
+def test_every_variant_builds_and_separates(tiny_conf, encoder, mask_act, norm_type, causal,
+                                            implementation):
+    tiny_conf["model"].update(encoder=encoder, mask_act=mask_act, norm_type=norm_type, causal=causal,
+                              implementation=implementation)
     if causal and norm_type == "gLN":
         # gLN normalises over the whole utterance: not causal. asteroid would silently swap in
         # cLN; the recipe refuses instead, so that conf.yml says what was trained.
@@ -35,7 +40,7 @@ def test_every_variant_builds_and_separates(tiny_conf, encoder, mask_act, norm_t
             make_model(tiny_conf)
         return
     model = make_model(tiny_conf).eval()
-    assert model.encoder_variant == encoder
+    assert encoder_variant(model) == encoder
     assert model.decoder.is_pinv == (encoder == "pinv")
     assert isinstance(model.enc_activation, torch.nn.ReLU) == (encoder == "relu")
     assert model.masker.causal == causal and model.masker.norm_type == norm_type
@@ -105,24 +110,31 @@ def test_pit_sisnr_is_permutation_invariant():
     assert fixed_order > loss + 10
 
 
+@pytest.mark.parametrize("implementation", ["fast", "stock"])
 @pytest.mark.parametrize("encoder", ["linear", "relu", "pinv"])
-def test_best_model_round_trip(tiny_conf, tmp_path, encoder):
-    tiny_conf["model"].update(encoder=encoder, n_src=3)
+def test_best_model_round_trip(tiny_conf, tmp_path, encoder, implementation):
+    tiny_conf["model"].update(encoder=encoder, n_src=3, implementation=implementation)
     torch.manual_seed(1)
     model = make_model(tiny_conf).eval()
-    torch.save(model.serialize(), tmp_path / "best_model.pth")
+    package = model.serialize()
+    package["infos"]["training_config"] = tiny_conf   # as train.py writes it
+    torch.save(package, tmp_path / "best_model.pth")
     mixture = torch.randn(2, 1200)
     with torch.no_grad():
         expected = model(mixture)
         ours = load_best_model(tmp_path)
-        # asteroid's own loader on the same file (no import of BirdConvTasNet needed).
+        # asteroid's own loader on the same file (no import of the recipe's classes needed).
         theirs = ConvTasNet.from_pretrained(str(tmp_path / "best_model.pth")).eval()
-        assert isinstance(ours, BirdConvTasNet) and not ours.training
-        for loaded in (ours, theirs):
+        assert type(ours) is type(model) and not ours.training
+        # Each implementation loads the other's file, to the same separation.
+        other = load_best_model(tmp_path, {"fast": "stock", "stock": "fast"}[implementation])
+        assert type(other) is not type(model)
+        for loaded in (ours, theirs, other):
             assert loaded.decoder.is_pinv == (encoder == "pinv")
         assert torch.equal(ours(mixture), expected)
         # asteroid's forward and the fast one differ only by float rounding.
-        assert torch.allclose(theirs(mixture), expected, rtol=1e-4, atol=1e-6)
+        for loaded in (theirs, other):
+            assert torch.allclose(loaded(mixture), expected, rtol=1e-4, atol=1e-6)
         if encoder == "pinv":
             # What the stored who_is_pinv prevents: the state dict of a pinv model also loads
             # into a free decoder, without error, and separates differently.
@@ -130,6 +142,36 @@ def test_best_model_round_trip(tiny_conf, tmp_path, encoder):
             free = ConvTasNet(**args).eval()
             free.load_state_dict(model.state_dict())
             assert not torch.allclose(free(mixture), expected)
+
+
+def test_stock_is_asteroids_conv_tasnet_without_the_fast_package(repo_root):
+    # In a fresh process: building, training and loading a stock model never import fast_tasnet.
+    script = """
+import sys, torch
+from asteroid.models import ConvTasNet
+import eval, model, separate, system, train
+from utils.config import read_conf
+conf = read_conf("conf.yml")
+conf["model"].update(implementation="stock", n_filters=16, bn_chan=8, hid_chan=16, skip_chan=8,
+                     n_blocks=2, n_repeats=1)
+net = model.make_model(conf)
+assert type(net) is model.BirdConvTasNet and type(net).__mro__[1] is ConvTasNet, type(net).__mro__
+net(torch.randn(1, 800)).sum().backward()
+model.compile_in_place(net)
+assert "fast_tasnet" not in sys.modules, "the fast package was imported"
+"""
+    out = subprocess.run([sys.executable, "-c", script], cwd=repo_root, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-3000:]
+
+
+def test_fast_is_the_fast_package(tiny_conf):
+    from fast_tasnet import FastConvTasNet
+
+    tiny_conf["model"]["implementation"] = "fast"
+    assert type(make_model(tiny_conf)) is FastConvTasNet
+    tiny_conf["model"]["implementation"] = "quick"
+    with pytest.raises(ConfError, match="--implementation 'quick': expected one of fast, stock"):
+        make_model(tiny_conf)
 
 
 def test_load_best_model_without_file_says_so(tmp_path):

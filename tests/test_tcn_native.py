@@ -1,6 +1,6 @@
-"""The fused C kernels (tcn_native.py, csrc/tcn_kernels.c): built here, the same results as
-fast_tasnet.py's torch implementation and asteroid, reproducible across thread counts, and a
-clear fallback when they cannot be built."""
+"""The fused C kernels (fast_tasnet/tcn_native.py, fast_tasnet/csrc/tcn_kernels.c): built here,
+the same results as fast_tasnet/tasnet.py's torch implementation and asteroid, reproducible
+across thread counts, and a clear fallback when they cannot be built."""
 from __future__ import annotations
 
 import shutil

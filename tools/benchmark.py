@@ -68,11 +68,11 @@ SYNTHETIC_SDR_MIXTURES = 20
 SYNTHETIC_SDR_SECONDS = 4.4
 # OpenMP threads that wait sleep instead of spinning (unless the caller's environment says
 # otherwise): on a machine shared with other work, spinning barriers stall every torch op for
-# a whole scheduler slice whenever one of the threads is descheduled (5x slower training
-# steps measured on a busy 2-core machine, stock and ours alike).
+# a whole scheduler slice whenever one of the threads is descheduled (much slower training
+# steps on a busy machine, stock and ours alike; RESULTS.md).
 OMP_WAIT_POLICY = "PASSIVE"
 # Timed training steps last at least this long in all (the preset's steps are short and
-# the median of three of them moved by 10 % from run to run).
+# the median of only three of them moved from run to run).
 MIN_TIMED_S = 5.0
 QUICK_INFERENCE_SECONDS = 10.0
 # Inference: rounds of fresh processes (stock, ours, ours in bf16) taking turns.
@@ -99,7 +99,7 @@ def build_model(kwargs: dict[str, Any], impl: str) -> torch.nn.Module:
     return cls(**kwargs)
 
 
-def _batch(n_src: int, batch: int, samples: int, seed: int):
+def random_batch(n_src: int, batch: int, samples: int, seed: int):
     """Mixture and sources: bird-like chirps in noise, the same for every implementation."""
     gen = torch.Generator().manual_seed(seed)
     t = torch.arange(samples) / 8000.0
@@ -168,7 +168,7 @@ def _training_step(model, impl: str, case, samples, device, bf16: bool = False
 
     loss_func = PITLossWrapper(pairwise_neg_sisdr, pit_from="pw_mtx")
     optimizer = optimizer_for(impl, model.parameters(), case["lr"])
-    mixture, sources = _batch(case["kwargs"]["n_src"], case["batch"], samples, case["seed"])
+    mixture, sources = random_batch(case["kwargs"]["n_src"], case["batch"], samples, case["seed"])
     mixture, sources = mixture.to(device), sources.to(device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
     model.train()
@@ -190,9 +190,9 @@ def _timed_steps(steps: dict[str, Callable[[], None]], case) -> dict[str, list[f
     """Step times of each closure, taking turns: `warmup` untimed steps each, then at least
     `steps` timed steps each and `min_seconds` seconds in all (capped at 200 turns)."""
     # Warm-up at full size: one-off initialisations (optimizer state, thread pools, kernels)
-    # and the allocator's growth to its steady state (measured: after a warm-up on a short
-    # batch, the first two full-size steps were up to 1.9x (stock) and 1.25x (ours) slower than
-    # the following ones, which is not what a training run sees).
+    # and the allocator's growth to its steady state (after a warm-up on a short batch, the
+    # first full-size steps were slower than the following ones, which is not what a training
+    # run sees).
     for _ in range(case["warmup"]):
         for step in steps.values():
             step()
@@ -222,7 +222,7 @@ def _train_pair_case(case) -> dict[str, Any]:
     """Stock and ours (same initial weights) in one process, taking turns step by step: the
     machine's speed drifts by several percent over minutes, and turns cancel the drift.
     With `bf16` in the case, ours runs under bf16 autocast (still named `fast`).  Two models
-    only: with a third taking turns, ours' preset step measured 14 % slower."""
+    only: with a third taking turns, ours' preset step was slower."""
     samples = int(round(case["seconds"] * case["kwargs"]["sample_rate"]))
     stock = build_model(case["kwargs"], "stock")
     ours = build_model(case["kwargs"], "fast")
@@ -238,8 +238,8 @@ def _train_pair_case(case) -> dict[str, Any]:
 
 def _infer_case(model, case, samples) -> dict[str, Any]:
     model.eval()
-    mixture, _ = _batch(case["kwargs"]["n_src"], 1, samples, case["seed"])
-    warm, _ = _batch(case["kwargs"]["n_src"], 1, min(samples, 5 * case["kwargs"]["sample_rate"]),
+    mixture, _ = random_batch(case["kwargs"]["n_src"], 1, samples, case["seed"])
+    warm, _ = random_batch(case["kwargs"]["n_src"], 1, min(samples, 5 * case["kwargs"]["sample_rate"]),
                      case["seed"])
     rss_before = _peak_rss_mb()
     times = []
@@ -332,7 +332,7 @@ def _check_parity(kwargs, seconds, batch, seed, device: torch.device) -> dict[st
     stock = build_model(kwargs, "stock").to(device)
     ours = build_model(kwargs, "fast").to(device)
     ours.load_state_dict(stock.state_dict(), strict=True)
-    mixture, sources = _batch(kwargs["n_src"], batch, int(seconds * kwargs["sample_rate"]), seed)
+    mixture, sources = random_batch(kwargs["n_src"], batch, int(seconds * kwargs["sample_rate"]), seed)
     mixture, sources = mixture.to(device), sources.to(device)
     out_stock, grads_stock = _forward_backward(stock, mixture, sources)
     out_ours, grads_ours = _forward_backward(ours, mixture, sources)
@@ -385,7 +385,7 @@ def _scoring_mixtures(data_dir: Optional[str], n_mixtures: int, sample_rate: int
 
     def synthetic():
         for k in range(count):
-            mixture, sources = _batch(2, 1, samples, seed + k)
+            mixture, sources = random_batch(2, 1, samples, seed + k)
             yield mixture[0].double().numpy(), sources[0].double().numpy()
 
     why = "no --data_dir" if csv_path is None else f"{csv_path} not found"
@@ -581,8 +581,8 @@ def run_benchmark(conf: Conf, preset_conf: Conf, *, quick: bool = False,
     thesis_kwargs = model_kwargs_of(conf)
     infer_base = dict(kind="infer", kwargs=thesis_kwargs, seconds=infer_seconds, reps=reps,
                       threads=_threads_of(conf, threads), seed=seed)
-    # Fresh processes taking turns, round after round, and the median of each: one process
-    # each measured asteroid's real-time factor at 0.113 in one run and 0.136 in the next.
+    # Fresh processes taking turns, round after round, and the median of each: with one
+    # process each, asteroid's real-time factor moved between runs.
     rounds = infer_rounds or (1 if quick else INFERENCE_ROUNDS)
     variants = {"stock": dict(impl="stock"), "fast": dict(impl="fast"),
                 "fast_bf16": dict(impl="fast", bf16=True)}

@@ -26,7 +26,7 @@ train split, fetched once and kept on the device; synthetic chirps without --dat
   * with --data_dir: seconds per batch of the recipe's DataLoader (workers, pinned memory),
     against ours_bf16's training step.
 Results go to --json after every part (a run cut short keeps what it measured). On a CPU it
-runs too: its quality part compares CPU bf16 training with float32 (README, Speed), the tests
+runs too: its quality part compares CPU bf16 training with float32 (RESULTS.md, Speed), the tests
 run it with tiny configs.
 """
 from __future__ import annotations
@@ -43,8 +43,8 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from tools.benchmark import (INFERENCE_SECONDS, _batch, build_model, check_parity, model_kwargs_of,
-                             optimizer_for, time_data_loading)
+from tools.benchmark import (INFERENCE_SECONDS, build_model, check_parity, model_kwargs_of,
+                             optimizer_for, random_batch, time_data_loading)
 from model import compile_in_place
 from utils.config import Conf, parse_stage_args
 
@@ -227,7 +227,7 @@ def infer_rtf(kwargs: dict[str, Any], variant: Variant, init_state: dict, second
               device: torch.device, reps: int = 5) -> float:
     model = _new_model(kwargs, variant, init_state, device).eval()
     sample_rate = kwargs["sample_rate"]
-    mixture, _ = _batch(kwargs["n_src"], 1, int(seconds * sample_rate), seed=0)
+    mixture, _ = random_batch(kwargs["n_src"], 1, int(seconds * sample_rate), seed=0)
     mixture = mixture.to(device)
     clock, times = _clock(device), []
     with matmul_precision(variant), torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16,
@@ -260,7 +260,7 @@ def training_batches(conf: Conf, data_dir: Optional[str | Path], n_batches: int,
     t, n_src = conf["training"], conf["model"]["n_src"]
     if data_dir is None:
         samples = int(t["segment_s"] * conf["clips"]["sample_rate"])
-        make = lambda seed: tuple(x.to(device) for x in _batch(n_src, t["batch_size"], samples, seed))
+        make = lambda seed: tuple(x.to(device) for x in random_batch(n_src, t["batch_size"], samples, seed))
         return ([make(i) for i in range(n_batches)],
                 [make(10_000 + i) for i in range(max(1, EVAL_MIXTURES // t["batch_size"]))],
                 "synthetic chirps")

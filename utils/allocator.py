@@ -4,14 +4,10 @@ PyTorch's CPU allocator is plain malloc.  With glibc's defaults, every tensor ab
 threshold (at most 32 MiB) is a fresh mmap, and freed memory at the top of the heap goes back
 to the kernel as soon as more than a few MiB are free.  A training step frees all its
 activations in the backward pass, so the next step gets them back as new pages: each one is
-faulted in and zeroed by the kernel before torch writes it.  Measured on this project's 2-core
-machine (one process each, median of 2-4 steps of batch 4 x 4 s, 2 threads): the thesis model
-took 112,000 page faults and 4.17 s per step, 5 faults and 3.49 s with these settings
-(asteroid's ConvTasNet: 10.46 and 9.57 s, the settings given through the environment).  The
-CPU preset's steps (1 thread, tensors of 2 MB) did not change measurably.  Inference on a
-60 s mixture (python -m tools.benchmark, one run): asteroid's ConvTasNet ran at a real-time
-factor of 0.410 with glibc's defaults and 0.142 with these settings; fast_tasnet at 0.076 (it
-reuses two buffers for all blocks).  train.py, eval.py and separate.py apply them.
+faulted in and zeroed by the kernel before torch writes it.  These settings remove nearly all
+of those page faults, which makes thesis-size training steps and inference markedly faster for
+asteroid's model and the fast one alike (RESULTS.md, Speed); small tensors (the CPU preset's)
+gain little.  train.py, eval.py and separate.py apply them.
 
 `keep_freed_memory()` tells malloc to serve every size from the heap and never trim it, as
 CUDA's caching allocator does for GPU memory: the resident size stays at the peak of the

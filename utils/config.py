@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import sys
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -183,3 +184,22 @@ def write_conf(conf: Conf, path: str | Path) -> None:
     from utils.atomic import atomic_write_text
 
     atomic_write_text(path, yaml.safe_dump(conf, sort_keys=False))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m utils.config --keys CONF`: the second-level keys of a conf file (a preset's are
+    its base's), one a line: run.sh's conf options."""
+    parser = argparse.ArgumentParser(prog="python -m utils.config", description=main.__doc__)
+    parser.add_argument("--keys", required=True, metavar="CONF", help="conf file or preset")
+    args = parser.parse_args(argv)
+    try:
+        conf = read_conf(args.keys)
+    except (ConfError, OSError, yaml.YAMLError) as err:
+        print(f"{args.keys}: {err}" if isinstance(err, yaml.YAMLError) else str(err), file=sys.stderr)
+        return 1
+    print("\n".join(key for values in conf.values() for key in values))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,6 +1,7 @@
 # Kaldi-style option parsing, sourced by run.sh after it declares its variables:
 #   --name value  or  --name=value   sets the already-declared shell variable "name"
-#   (dashes in names become underscores); an undeclared name is an error;
+#   (dashes in names become underscores); an undeclared name is an error, and so is a name
+#   not in "$_po_options" (space-separated) when the caller sets it;
 #   --help / -h prints "$help_message" and exits.
 # Positional arguments after the options are left in "$@".
 # shellcheck shell=bash
@@ -21,7 +22,8 @@ while [ $# -gt 0 ]; do
     *) break ;;
   esac
   _po_name="${_po_name//-/_}"
-  if [[ ! "$_po_name" =~ ^[A-Za-z_][A-Za-z0-9_]*$ ]] || [ -z "${!_po_name+set}" ]; then
+  if [[ ! "$_po_name" =~ ^[A-Za-z_][A-Za-z0-9_]*$ ]] || [ -z "${!_po_name+set}" ] ||
+      { [ -n "${_po_options:-}" ] && [[ " $_po_options " != *" $_po_name "* ]]; }; then
     echo "$0: unknown option --${_po_name} (see $0 --help)" >&2
     exit 1
   fi
