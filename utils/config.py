@@ -91,9 +91,14 @@ def check_types(conf: Conf, path: Path, defaults_path: Path = DEFAULTS_PATH) -> 
     typed = copy.deepcopy(conf)
     for section, values in typed.items():
         for key, value in values.items():
-            if key in defaults.get(section, {}):
-                values[key] = _conform(f"{path}: {key}", value, defaults[section][key],
-                                       str(value))
+            if key not in defaults.get(section, {}):
+                continue
+            default = defaults[section][key]
+            if isinstance(default, str):
+                if isinstance(value, (list, dict)):
+                    raise ConfError(f"{path}: {key}: expected str, got '{value}'")
+                continue  # "devices: 2", "precision: 32": as YAML reads them, as before
+            values[key] = _conform(f"{path}: {key}", value, default, str(value))
     return typed
 
 
@@ -148,10 +153,6 @@ def _conform(what: str, value: Any, default: Any, text: str) -> Any:
         return float(value)
     if isinstance(default, (int, float)) and isinstance(value, bool):
         raise ConfError(f"{what}: expected a number, got '{text}'")
-    if isinstance(default, int) and isinstance(value, float):
-        if not value.is_integer():
-            raise ConfError(f"{what}: expected int (a whole number), got '{text}'")
-        return int(value)
     if isinstance(default, str) and not isinstance(value, str):
         return str(text)
     if isinstance(default, list) and not isinstance(value, list):
