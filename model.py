@@ -153,6 +153,13 @@ def load_best_model(exp_dir: str | Path) -> BirdConvTasNet:
     """The trained model of an experiment (`<exp_dir>/best_model.pth`), in eval mode, on CPU."""
     path = Path(exp_dir) / "best_model.pth"
     if not path.is_file():
+        checkpoints = sorted((Path(exp_dir) / "checkpoints").glob("*.ckpt"))
+        if checkpoints:   # trained, but stopped (killed, crashed) before writing it
+            raise FileNotFoundError(
+                f"{path} not found, but {path.parent / 'checkpoints'} holds "
+                f"{len(checkpoints)} checkpoint(s): training did not finish; resume it (stage 3, "
+                "the same run.sh command with --stage 3, or train.py with the same --exp_dir), "
+                "which writes best_model.pth")
         raise FileNotFoundError(f"{path} not found: train first (stage 3, train.py)")
     model = BirdConvTasNet.from_pretrained(str(path))
     return model.eval()

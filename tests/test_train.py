@@ -15,6 +15,7 @@ from asteroid.models import ConvTasNet
 
 import system as system_module
 from conftest import TINY_MODEL, needs_cxx
+from eval import main as eval_main
 from model import load_best_model, make_model
 from system import BadBatchWarning, BirdSystem, resolve_precision
 from train import main, train
@@ -292,3 +293,34 @@ def test_auto_compile_falls_back_to_eager_training_when_the_compiler_fails(
     assert attempts   # compilation was tried, failed, and training went on eagerly
     assert last_checkpoint(tmp_path / "exp")["global_step"] == N_TRAIN // BATCH
     ConvTasNet.from_pretrained(str(best))
+
+
+def test_run_command_records_accepted_runs_only_and_eval_says_resume(tiny_conf, tiny_data,
+                                                                     tmp_path, monkeypatch):
+    """run.sh appended its command line before train.py ran, so a refused resume was recorded;
+    eval.py on an unfinished experiment said "train first" where resuming is what is needed."""
+    exp_dir = tmp_path / "exp"
+    conf_path = tmp_path / "tiny.yml"
+    write_conf(tiny_conf, conf_path)
+    argv = ["--conf", str(conf_path), "--data_dir", str(tiny_data), "--exp_dir", str(exp_dir)]
+    # A run killed before best_model.pth was written: checkpoints, no model.
+    monkeypatch.setattr(train_module, "_write_results",
+                        lambda *args: (_ for _ in ()).throw(Killed()))
+    with pytest.raises(Killed):
+        main(argv + ["--run_command", "./run.sh --stage 3 --tag first"])
+    assert list((exp_dir / "checkpoints").glob("*.ckpt"))
+    with pytest.raises(FileNotFoundError, match="holds .* checkpoint.*resume it \\(stage 3"):
+        load_best_model(exp_dir)
+    with pytest.raises(SystemExit, match="training did not finish; resume it"):
+        eval_main(["--data_dir", str(tiny_data), "--exp_dir", str(exp_dir)])
+    monkeypatch.undo()
+
+    with pytest.raises(ConfError, match="other settings"):   # refused: not recorded
+        main(argv + ["--lr", "0.0005", "--run_command", "./run.sh --lr 0.0005"])
+    main(argv)   # resumed and finished: recorded, as train.py's own command by default
+    main(argv)   # nothing to do: not recorded
+    lines = (exp_dir / "run_command.txt").read_text().splitlines()
+    assert [line.split(" ", 2)[2] for line in lines] == [
+        "./run.sh --stage 3 --tag first", "train.py " + " ".join(argv)]
+    with pytest.raises(FileNotFoundError, match="train first"):
+        load_best_model(tmp_path / "never_trained")
