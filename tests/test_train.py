@@ -324,3 +324,48 @@ def test_run_command_records_accepted_runs_only_and_eval_says_resume(tiny_conf, 
         "./run.sh --stage 3 --tag first", "train.py " + " ".join(argv)]
     with pytest.raises(FileNotFoundError, match="train first"):
         load_best_model(tmp_path / "never_trained")
+
+
+def test_ddp_on_two_cpu_processes_trains_checkpoints_resumes_and_evaluates(tiny_conf, tiny_data,
+                                                                           tmp_path, repo_root):
+    """Lightning DDP (gloo) with `--accelerator cpu --devices 2`: what several GPUs or nodes run,
+    on one machine. train.py is a subprocess: Lightning's DDP launcher starts the second
+    process by running the same command again."""
+    import os
+    import subprocess
+    import sys
+
+    tiny_conf["training"].update(strategy="ddp", devices=2, num_threads=1, num_nodes=1)
+    conf_path = tmp_path / "ddp.yml"
+    write_conf(tiny_conf, conf_path)
+    exp_dir = tmp_path / "exp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    env.pop("LOCAL_RANK", None)
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        out = subprocess.run([sys.executable, *args], cwd=repo_root, env=env, timeout=240,
+                             capture_output=True, text=True)
+        assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+        return out
+
+    argv = ["train.py", "--conf", str(conf_path), "--data_dir", str(tiny_data),
+            "--exp_dir", str(exp_dir)]
+    run(*argv)
+    # Two processes of two mixtures each: one step per epoch.
+    assert last_checkpoint(exp_dir)["global_step"] == 1
+    assert best_model_infos(exp_dir)["epochs_trained"] == 1
+    out = run(*argv, "--epochs", "2")
+    assert "resuming from" in out.stdout
+    assert last_checkpoint(exp_dir)["global_step"] == 2
+    assert best_model_infos(exp_dir)["epochs_trained"] == 2
+    assert len((exp_dir / "run_command.txt").read_text().splitlines()) == 2  # rank 0 only
+    eval_main(["--data_dir", str(tiny_data), "--exp_dir", str(exp_dir), "--oracles", "false",
+               "--n_save_examples", "0"])
+    metrics = json.loads((exp_dir / "eval" / "final_metrics.json").read_text())
+    assert metrics["n_utterances"] == 1 and metrics["checkpoint"] == str(exp_dir / "best_model.pth")
+
+
+def test_num_nodes_reaches_the_trainer(tiny_conf, tmp_path):
+    tiny_conf["training"].update(strategy="ddp", devices=2, num_nodes=3)
+    trainer, _, _ = train_module._make_trainer(tiny_conf, tmp_path, 2, "32-true")
+    assert (trainer.num_nodes, trainer.num_devices) == (3, 2)
