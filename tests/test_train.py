@@ -14,6 +14,7 @@ import torch
 from asteroid.models import ConvTasNet
 
 import system as system_module
+import train as train_module
 from conftest import TINY_MODEL, needs_cxx
 from eval import main as eval_main
 from model import load_best_model, make_model
