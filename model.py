@@ -205,6 +205,13 @@ def load_best_model(exp_dir: str | Path, implementation: str | None = None) -> C
     in `implementation` (default: the one it was trained with, fast for files that do not say)."""
     path = Path(exp_dir) / "best_model.pth"
     if not path.is_file():
+        checkpoints = sorted((Path(exp_dir) / "checkpoints").glob("*.ckpt"))
+        if checkpoints:   # trained, but stopped (killed, crashed) before writing it
+            raise FileNotFoundError(
+                f"{path} not found, but {path.parent / 'checkpoints'} holds "
+                f"{len(checkpoints)} checkpoint(s): training did not finish; resume it (stage 3, "
+                "the same run.sh command with --stage 3, or train.py with the same --exp_dir), "
+                "which writes best_model.pth")
         raise FileNotFoundError(f"{path} not found: train first (stage 3, train.py)")
     package = torch.load(path, map_location="cpu")
     if implementation is None:

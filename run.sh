@@ -150,8 +150,7 @@ fi
 if [ "$stage" -le 3 ] && [ "$stop_stage" -ge 3 ]; then
   log "Stage 3: train Conv-TasNet in $exp_dir"
   mkdir -p "$exp_dir"
-  echo "$(date '+%F %T') $cmdline" >> "$exp_dir/run_command.txt"
-  "$python" train.py "${common[@]}" --data_dir "$data_dir" --exp_dir "$exp_dir" "${overrides[@]}"
+  "$python" train.py "${common[@]}" --data_dir "$data_dir" --exp_dir "$exp_dir" --run_command "$cmdline" "${overrides[@]}"
 fi
 
 if [ "$stage" -le 4 ] && [ "$stop_stage" -ge 4 ]; then

@@ -3,8 +3,8 @@
     python separate.py --exp exp/<tag> FILE [FILE ...] --out_dir DIR [--input_rate]
                        [--chunk_s S] [--overlap_s S] [--device cpu|cuda]
 
-Each input (any format libsndfile decodes: wav, flac, ogg, mp3; any sample rate; mono or
-stereo, mixed to mono; any length) gives one wav per source, `<stem>_s1.wav`, ... in DIR, at
+Each input (a file, or a directory: the audio files directly inside it; any format libsndfile
+decodes: wav, flac, ogg, mp3; any sample rate; mono or stereo, mixed to mono; any length) gives one wav per source, `<stem>_s1.wav`, ... in DIR, at
 the model's sample rate or, with --input_rate, at the input's rate and length.
 
 What bounds memory: nothing ever holds a whole file. The decoder reads blocks of about one
@@ -41,7 +41,7 @@ from utils.cpu import cpu_has_native_bf16
 from model import load_best_model
 from utils.allocator import keep_freed_memory
 from utils.atomic import atomic_path
-from utils.audio import AudioError
+from utils.audio import AudioError, open_audio, read_blocks
 from utils.config import ConfError, apply_overrides, auto_setting, parse_stage_args
 
 
@@ -120,30 +120,17 @@ class StreamingResampler:
         return out
 
 
-def _open_audio(path: Path) -> sf.SoundFile:
-    if not path.is_file():
-        raise AudioError(f"{path}: no such file")
-    if path.stat().st_size == 0:
-        raise AudioError(f"{path}: empty file")
-    try:
-        return sf.SoundFile(str(path))
-    except (sf.LibsndfileError, RuntimeError, TypeError, ValueError) as err:
-        raise AudioError(f"{path}: cannot decode audio ({err})") from None
-
-
 def stream_mono(audio_file: sf.SoundFile, path: Path, block: int) -> Iterator[np.ndarray]:
-    """Decode an open file block by block, mixed to mono; bad data raises AudioError."""
+    """Decode an open file block by block, mixed to mono; bad data raises AudioError, and so
+    does a file that decodes shorter than its header announces (utils.audio.read_blocks), so
+    that nothing is written for it."""
     position = 0
-    try:
-        for data in audio_file.blocks(blocksize=block, dtype="float32", always_2d=True):
-            if not np.isfinite(data).all():
-                raise AudioError(f"{path}: audio contains NaN or infinite samples "
-                                 f"near {position / audio_file.samplerate:.1f} s")
-            position += data.shape[0]
-            yield data.mean(axis=1)
-    except (sf.LibsndfileError, RuntimeError) as err:
-        raise AudioError(f"{path}: decoding failed near {position / audio_file.samplerate:.1f} s "
-                         f"({err})") from None
+    for data in read_blocks(audio_file, path, block):
+        if not np.isfinite(data).all():
+            raise AudioError(f"{path}: audio contains NaN or infinite samples "
+                             f"near {position / audio_file.samplerate:.1f} s")
+        position += data.shape[0]
+        yield data.mean(axis=1)
     if position == 0:
         raise AudioError(f"{path}: no audio samples")
 
@@ -282,7 +269,7 @@ def separate_file(model: torch.nn.Module, path: str | Path, out_dir: str | Path,
     model_sr = int(model.sample_rate)
     chunk = int(round(chunk_s * model_sr))
     separator = OverlapAddSeparator(model, chunk, int(round(overlap_s * model_sr)), device)
-    with _open_audio(path) as audio_file, contextlib.ExitStack() as stack:
+    with open_audio(path) as audio_file, contextlib.ExitStack() as stack:
         in_sr = int(audio_file.samplerate)
         block_in = max(1, int(round(chunk_s * in_sr)))
         to_model = StreamingResampler(in_sr, model_sr, block_in)
@@ -323,6 +310,46 @@ def use_bf16(setting: bool | str, device: str) -> bool:
     return setting == "true"
 
 
+def audio_extensions() -> set[str]:
+    """File name extensions of the formats libsndfile reads (lower case, with the dot)."""
+    # RAW (header-less) is left out: without a header it cannot be opened as audio.
+    return ({f".{name.lower()}" for name in sf.available_formats() if name != "RAW"} |
+            {".mp3", ".oga", ".opus", ".aif", ".aiff"})
+
+
+def expand_inputs(files: Sequence[str | Path]) -> list[Path]:
+    """The inputs, with each directory replaced by the audio files directly inside it (those
+    whose extension is a format libsndfile reads, sorted by name). A directory without any
+    raises ValueError naming it; missing files are left for separate_file to report."""
+    inputs: list[Path] = []
+    extensions = audio_extensions()
+    for path in map(Path, files):
+        if not path.is_dir():
+            inputs.append(path)
+            continue
+        inside = sorted(p for p in path.iterdir()
+                        if p.is_file() and p.suffix.lower() in extensions)
+        if not inside:
+            raise ValueError(f"{path}: a directory without audio files directly inside "
+                             f"(looked for {', '.join(sorted(extensions))}; subdirectories "
+                             "are not searched)")
+        inputs += inside
+    return inputs
+
+
+def checked_out_dir(out_dir: str | Path) -> Path:
+    """`out_dir`, created if needed; ValueError before any work when it is a file (or under
+    one) or cannot be created."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"--out_dir {out_dir}: is a file, not a directory")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ValueError(f"--out_dir {out_dir}: cannot create it ({err.strerror})") from None
+    return out_dir
+
+
 def separate_files(exp_dir: str | Path, files: Sequence[str | Path], out_dir: str | Path,
                    chunk_s: float, overlap_s: float, input_rate: bool = False,
                    device: str | None = None, bf16: bool | str = False) -> list[Path]:
@@ -336,13 +363,17 @@ def separate_files(exp_dir: str | Path, files: Sequence[str | Path], out_dir: st
     """
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: no CUDA GPU is available to torch "
+                         f"{torch.__version__} here; use --device cpu")
+    files = expand_inputs(files)
+    out_dir = checked_out_dir(out_dir)
     bf16 = use_bf16(bf16, device)
     keep_freed_memory()   # large activations reused, not page-faulted again (utils/allocator.py)
     model = load_best_model(exp_dir).to(device).eval()
     written: list[Path] = []
     failed: dict[Path, str] = {}
     stems: dict[str, Path] = {}
-    files = [Path(f) for f in files]
     # Autocast is per thread: it covers every model call below (outputs come back as float32).
     precision = torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16)
     for path in tqdm(files, desc="files", unit="file", disable=len(files) < 2):
@@ -370,7 +401,8 @@ def separate_files(exp_dir: str | Path, files: Sequence[str | Path], out_dir: st
 def _add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--exp", "--exp_dir", dest="exp_dir", required=True,
                         help="experiment directory holding best_model.pth (exp/<tag>)")
-    parser.add_argument("files", nargs="+", type=Path, help="recordings to separate")
+    parser.add_argument("files", nargs="+", type=Path,
+                        help="recordings to separate, or directories of them")
     parser.add_argument("--out_dir", required=True, type=Path, help="where the wavs go")
     parser.add_argument("--input_rate", action="store_true",
                         help="write at each input's sample rate and length "

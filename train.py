@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import shlex
 import sys
 import time
 import warnings
@@ -53,8 +54,11 @@ from utils.training_callbacks import (LR_SCHEDULES, BudgetSchedule, ExpectedTime
                                       TrainingClock)
 
 
-def train(conf: Conf, data_dir: str | Path, exp_dir: str | Path) -> Path:
-    """Train (or resume training) and return the path of best_model.pth."""
+def train(conf: Conf, data_dir: str | Path, exp_dir: str | Path,
+          run_command: str | None = None) -> Path:
+    """Train (or resume training) and return the path of best_model.pth. `run_command` (the
+    command line that asked for this run) is added to run_command.txt once the run is
+    accepted: not for a refused resume, nor for a finished run that has nothing to do."""
     started = time.time()
     exp_dir = Path(exp_dir)
     last_ckpt = (exp_dir / "checkpoints" / "last.ckpt").resolve()
@@ -72,6 +76,8 @@ def train(conf: Conf, data_dir: str | Path, exp_dir: str | Path) -> Path:
     if rank_zero_only.rank == 0:
         clear_done(exp_dir, "train")
         write_conf(conf, exp_dir / "conf.yml")
+        if run_command is not None:
+            append_run_command(exp_dir, run_command)
 
     if t["num_threads"] > 0:
         torch.set_num_threads(t["num_threads"])
@@ -115,17 +121,29 @@ def main(argv: list[str] | None = None) -> Path:
         parser.add_argument("--data_dir", default="data", help="data directory (holds BSD-{n}mix/), "
                             "or a LibriMix or wsj0-2mix tree (local/data_layouts.py)")
         parser.add_argument("--exp_dir", required=True, help="experiment directory, e.g. exp/tag")
+        parser.add_argument("--run_command", default=None,
+                            help="command line recorded in <exp_dir>/run_command.txt when the "
+                                 "run is accepted (default: this train.py command)")
 
     args, conf = parse_stage_args("Stage 3: train Conv-TasNet.", argv, add_arguments)
-    return train(conf, args.data_dir, args.exp_dir)
+    command = args.run_command or shlex.join(
+        ["train.py", *(sys.argv[1:] if argv is None else argv)])
+    return train(conf, args.data_dir, args.exp_dir, run_command=command)
 
 
 # ---- What train() calls ----
 
+def append_run_command(exp_dir: Path, command: str) -> None:
+    """Add `<date> <command>` to `<exp_dir>/run_command.txt` (rewritten atomically)."""
+    path = exp_dir / "run_command.txt"
+    before = path.read_text() if path.is_file() else ""
+    atomic_write_text(path, before + f"{time.strftime('%Y-%m-%d %H:%M:%S')} {command}\n")
+
+
 # Keys that may differ between a run and its resumption: how long and on what hardware to train.
 # Any other difference means a different experiment and is refused.
 RESUMABLE_KEYS = {"implementation", "epochs", "max_minutes", "early_stop", "patience", "num_workers", "num_threads",
-                  "accelerator", "devices", "strategy", "precision", "save_top_k",
+                  "accelerator", "devices", "num_nodes", "strategy", "precision", "save_top_k",
                   "checkpoint_every_n_steps", "max_bad_batches", "compile", "compile_mode"}
 # Of those, the ones that say where and how a run trains, not what it learns or for how long: a
 # finished run stays finished when only they change (another machine, more workers, compiled).
@@ -252,7 +270,8 @@ def _make_trainer(conf: Conf, exp_dir: Path, n_train_batches: int, precision: st
     trainer = pl.Trainer(
         max_epochs=t["epochs"],
         max_time=timedelta(minutes=t["max_minutes"]) if t["max_minutes"] > 0 else None,
-        accelerator=t["accelerator"], devices=t["devices"], strategy=t["strategy"],
+        accelerator=t["accelerator"], devices=t["devices"], num_nodes=t["num_nodes"],
+        strategy=t["strategy"],
         precision=precision, gradient_clip_val=conf["optim"]["gradient_clip"],
         callbacks=callbacks, logger=loggers, default_root_dir=exp_dir,
         log_every_n_steps=max(1, min(50, n_train_batches)),

@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import pandas as pd
-import soundfile as sf
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
@@ -33,7 +32,7 @@ from local.xeno_canto import (KEY_ENV_VAR, XC_API_URL, DownloadError, InvalidRec
                               Recording, RecordingSource, RetryableError, iter_listing,
                               open_source, parse_recording, source_identity, with_retries)
 from utils.atomic import atomic_path
-from utils.audio import AudioError
+from utils.audio import AudioError, decoded_duration_s
 from utils.config import Conf, parse_stage_args
 from utils.stage_marker import clear_done, is_done, mark_done
 
@@ -162,38 +161,48 @@ def select_recordings(records: Sequence[Recording], download_conf: dict[str, Any
 
 # ------------------------------------------------------------------------- download
 
-def check_audio_file(path: Path) -> None:
-    """Raise AudioError unless libsndfile recognises `path` as audio with samples. Only the
-    header is read, so that a resume over hundreds of files stays quick; truncation is
-    caught by the size check when the file arrives."""
-    if path.stat().st_size == 0:
-        raise AudioError(f"{path.name}: empty file")
+# The listing's `length` is whole seconds ("m:ss", mostly rounded down; one recording of the
+# shared dump decodes 0.83 s shorter than it says): a file may decode this much shorter.
+LENGTH_TOLERANCE_S = 1.0
+LENGTH_TOLERANCE_FRACTION = 0.01
+
+
+def check_audio_file(path: Path, listed_s: float | None = None) -> float:
+    """Decode the whole of `path` and return its length in seconds; raise AudioError unless it
+    is audio with samples, decodes as long as its header announces (utils.audio.read_blocks:
+    an mp3 cut short keeps its header) and, given the listing's length `listed_s`, is not
+    shorter than that (within LENGTH_TOLERANCE_S + LENGTH_TOLERANCE_FRACTION of it)."""
     try:
-        info = sf.info(str(path))
-    except (sf.LibsndfileError, RuntimeError, TypeError, ValueError) as err:
-        raise AudioError(f"{path.name}: cannot decode audio ({err})") from None
-    if info.frames <= 0 or info.samplerate <= 0:
-        raise AudioError(f"{path.name}: no audio samples")
+        duration_s = decoded_duration_s(path)
+    except AudioError as err:  # named as the recording, not as its .part
+        raise AudioError(str(err).replace(str(path), path.name)) from None
+    if listed_s is not None:
+        shortest = listed_s - LENGTH_TOLERANCE_S - LENGTH_TOLERANCE_FRACTION * listed_s
+        if duration_s < shortest:
+            raise AudioError(f"{path.name}: truncated: {duration_s:.2f} s decode, the listing "
+                             f"says {listed_s:g} s")
+    return duration_s
 
 
 def _fetch_verified(rec: Recording, source: RecordingSource, final: Path) -> None:
-    """One attempt: fetch to `<final>.part`, check size and decodability, then rename."""
+    """One attempt: fetch to `<final>.part`, check its size, that it decodes in full and as
+    long as the listing says, then rename."""
     with atomic_path(final) as part:
         expected = source.fetch_audio(rec, part)
         size = part.stat().st_size
         if expected is not None and size != expected:
             raise RetryableError(f"XC{rec.id}: truncated ({size} of {expected} bytes)")
         try:
-            check_audio_file(part)
+            check_audio_file(part, rec.length_s)
         except AudioError as err:
-            raise RetryableError(f"XC{rec.id}: not audio ({err})") from None
+            raise RetryableError(f"XC{rec.id}: bad audio ({err})") from None
 
 
-def _existing_ok(final: Path) -> bool:
+def _existing_ok(final: Path, listed_s: float) -> bool:
     if not final.is_file():
         return False
     try:
-        check_audio_file(final)
+        check_audio_file(final, listed_s)
         return True
     except AudioError as err:
         log.warning("%s; downloading it again", err)
@@ -294,7 +303,9 @@ def download_recordings(conf: Conf, data_dir: str | Path, xc_source: str | Path,
     dl = conf["download"]
     raw_dir = Path(data_dir) / "raw"
     # The key is deliberately not part of the params: they are written to the marker.
-    params = {**dl, "xc_source": source_identity(xc_source)}
+    # "verified" makes a marker of a run that only checked headers (and so kept files cut
+    # short) out of date: that run's files are decoded once more.
+    params = {**dl, "xc_source": source_identity(xc_source), "verified": "decoded length"}
     summary = DownloadSummary()
 
     if is_done(raw_dir, MARKER_NAME, params):
@@ -322,7 +333,7 @@ def download_recordings(conf: Conf, data_dir: str | Path, xc_source: str | Path,
         for rec in tqdm(selected, desc="download", unit="file"):
             # Built from the validated numeric id only: no listing text reaches the path.
             final = audio_dir / f"XC{rec.id}.{source.audio_extension(rec)}"
-            if _existing_ok(final):
+            if _existing_ok(final, rec.length_s):
                 summary.n_skipped_existing += 1
             else:
                 try:

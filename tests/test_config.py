@@ -93,3 +93,49 @@ def test_keys_cli_prints_a_presets_keys_from_its_base(repo_root, tmp_path):
     out = subprocess.run([sys.executable, "-m", "utils.config", "--keys", str(tmp_path / "no.yml")],
                          cwd=repo_root, capture_output=True, text=True)
     assert out.returncode == 1 and f"configuration file not found: {tmp_path / 'no.yml'}" in out.stderr
+
+
+def full_conf_with(repo_root, tmp_path, name: str, **changes) -> "Path":
+    """A complete conf file (conf.yml's text) with some `key: value` lines replaced."""
+    lines = []
+    for line in (repo_root / "conf.yml").read_text().splitlines():
+        key = line.strip().split(":", 1)[0]
+        if line.startswith("  ") and key in changes:
+            line = f"  {key}: {changes[key]}"
+        lines.append(line)
+    path = tmp_path / name
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.mark.parametrize("changes, message", [
+    (dict(causal='"no"'), "full.yml: causal: expected true or false, got 'no'"),
+    (dict(epochs="ten"), "full.yml: epochs: expected int, got 'ten'"),
+    (dict(epochs="true"), "full.yml: epochs: expected a number, got 'True'"),
+    (dict(query="[a, b]"), "full.yml: query: expected str, got"),
+    (dict(lr="fast"), "full.yml: lr: expected a number, got 'fast'"),
+    (dict(early_stop="1"), "full.yml: early_stop: expected true or false, got '1'"),
+    (dict(sample_rate="[8000]"), "full.yml: sample_rate: expected int, got '\\[8000\\]'"),
+])
+def test_full_conf_files_are_type_checked_against_conf_yml(repo_root, tmp_path, changes,
+                                                           message):
+    """Only presets and --key overrides were checked: `causal: "no"` trained a causal model,
+    `lr: "1e-3"` crashed in torch's Adam, `epochs: ten` was a bare AssertionError."""
+    with pytest.raises(ConfError, match=message):
+        read_conf(full_conf_with(repo_root, tmp_path, "full.yml", **changes))
+
+
+def test_exponent_numbers_read_as_floats_and_types_follow_conf_yml(repo_root, tmp_path):
+    conf = read_conf(full_conf_with(repo_root, tmp_path, "full.yml", lr="1e-3",
+                                    weight_decay='"1E-5"', clip_min_s="2"))
+    assert conf["optim"]["lr"] == 1e-3 and type(conf["optim"]["lr"]) is float
+    assert conf["optim"]["weight_decay"] == 1e-5
+    assert type(conf["clips"]["clip_min_s"]) is float
+    # A preset's base that is not conf.yml is checked too, and names itself.
+    full_conf_with(repo_root, tmp_path, "other_base.yml", n_blocks="eight")
+    (tmp_path / "preset.yml").write_text("base: other_base.yml\noptim:\n  lr: 5e-4\n")
+    with pytest.raises(ConfError, match="other_base.yml: n_blocks: expected int"):
+        read_conf(tmp_path / "preset.yml")
+    (tmp_path / "preset.yml").write_text("base: full.yml\noptim:\n  lr: 5e-4\n")
+    assert read_conf(tmp_path / "preset.yml")["optim"]["lr"] == 5e-4
+    assert apply_overrides(conf, {"lr": "2e-4"})["optim"]["lr"] == 2e-4

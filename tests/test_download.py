@@ -23,7 +23,7 @@ from local.xeno_canto import (DownloadError, RetryableError, RetryPolicy,
                               extension_from_file_name, parse_length, parse_retry_after,
                               scrub, with_retries)
 from xc_server import XenoCantoServer  # tests/ is on sys.path (rootdir-relative import)
-from utils.audio import read_audio
+from utils.audio import AudioError, read_audio
 from utils.config import read_conf
 
 KEY = "xc-test-key-7f3a9c51"
@@ -358,3 +358,57 @@ def test_parsing_and_retry_helpers():
 
     with pytest.raises(DownloadError, match="HTTP 500 .gave up after 2 attempts"):
         with_retries(always_500, "x", RetryPolicy(1, 0.0), sleep=waits.append)
+
+
+# ------------------------------------------------------------------- files cut short
+
+def test_files_cut_short_are_failed_downloads_retried_reported_and_resumed(
+        xc_dump, repo_root, tmp_path):
+    """A file whose transfer looks complete but which decodes shorter than the listing's
+    length (its mp3 header still announcing the whole) was accepted, and stage 1 then called
+    it "no vocalisation found"."""
+    conf = make_conf(repo_root, max_retries=2)
+    ids = selected_ids(xc_dump, conf)
+    data = tmp_path / "data"
+    with XenoCantoServer(xc_dump, KEY, per_page=200) as server:
+        server.inject(f"XC{ids[0]}", "short")             # once: the retry gets it whole
+        server.inject(f"XC{ids[1]}", *("short",) * 3)     # every try: a failed download
+        first = download_recordings(conf, data, server.api_url, api_key=KEY)
+        failures = pd.read_csv(data / "raw" / "download_failures.csv")
+        retried = server.count(f"XC{ids[0]}")
+        marked_after_first = (data / "raw" / ".done.download").exists()
+        server.clear_failures()
+        second = download_recordings(conf, data, server.api_url, api_key=KEY)
+    assert retried == 2
+    assert list(failures["id"]) == [ids[1]] and "decode" in failures["reason"][0]
+    assert ids[1] not in set(first["id"]) and not marked_after_first
+    assert second.attrs["summary"]["n_downloaded"] == 1 and list(second["id"]) == ids
+    assert_clean_and_complete(data, xc_dump, second)
+
+
+def test_a_short_file_in_a_dump_or_already_downloaded_is_not_accepted(xc_dump, repo_root,
+                                                                      tmp_path, caplog):
+    conf = make_conf(repo_root)
+    ids = selected_ids(xc_dump, conf)
+    dump = tmp_path / "dump"
+    shutil.copytree(xc_dump, dump)
+    cut = dump / "audio" / f"XC{ids[3]}.mp3"
+    cut.chmod(0o644)
+    cut.write_bytes(cut.read_bytes()[:cut.stat().st_size // 3])
+    data = tmp_path / "data"
+    first = download_recordings(conf, data, dump)
+    assert first.attrs["summary"]["n_failed"] == 1 and ids[3] not in set(first["id"])
+    assert "truncated or corrupt" in caplog.text
+
+    # Downloaded whole, then cut short on disk (as an older stage 0 accepted it): a rerun
+    # decodes it, finds it short and fetches it again.
+    whole = download_recordings(conf, data, xc_dump)
+    assert whole.attrs["summary"]["n_downloaded"] == 1
+    on_disk = data / "raw" / "audio" / f"XC{ids[2]}.mp3"
+    on_disk.write_bytes(on_disk.read_bytes()[:on_disk.stat().st_size // 3])
+    (data / "raw" / ".done.download").unlink()
+    again = download_recordings(conf, data, xc_dump).attrs["summary"]
+    assert (again["n_downloaded"], again["n_skipped_existing"]) == (1, 5)
+    assert on_disk.read_bytes() == (xc_dump / "audio" / on_disk.name).read_bytes()
+    with pytest.raises(AudioError, match="truncated or corrupt: only"):
+        read_audio(cut)   # stage 1 says why, not "no vocalisation found"

@@ -229,3 +229,66 @@ def test_separate_says_which_precision_ran_and_refuses_an_unknown_setting(tmp_pa
     assert "(float32 products)" in capsys.readouterr().out
     assert separate.main(argv + ["--bf16", "maybe"]) == 2
     assert "--bf16 'maybe': expected one of auto, true, false" in capsys.readouterr().err
+
+
+def truncated_mp3(xc_dump: Path, dest: Path) -> Path:
+    """A real xeno-canto mp3 cut to a third of its bytes (an interrupted download): its header
+    still announces the whole length."""
+    data = (xc_dump / "audio" / "XC100147.mp3").read_bytes()
+    dest.write_bytes(data[:len(data) // 3])
+    return dest
+
+
+def test_truncated_mp3_is_refused_and_nothing_invented_is_written(tmp_path, repo_root, xc_dump,
+                                                                  capsys):
+    """soundfile's blocks() pads a short read to the header's length with its reused buffer:
+    separate.py wrote 42 s for the 14 s that decode, the rest repeating the start."""
+    exp = save_experiment(tmp_path / "exp", tiny_model(), repo_root)
+    cut = truncated_mp3(xc_dump, tmp_path / "cut.mp3")
+    sf.write(tmp_path / "good.wav", birdlike(1.0, SR), SR)
+    out = tmp_path / "out"
+    rc = separate.main(["--conf", str(repo_root / "conf.yml"), "--exp", str(exp), str(cut),
+                        str(tmp_path / "good.wav"), "--out_dir", str(out), "--device", "cpu",
+                        "--chunk_s", "4", "--overlap_s", "1"])
+    err = capsys.readouterr().err
+    assert rc == 1
+    assert sorted(p.name for p in out.iterdir()) == ["good_s1.wav", "good_s2.wav"]
+    assert "cut.mp3: truncated or corrupt: only 13." in err and "of the 42.02 s" in err
+
+
+def test_a_directory_input_separates_the_audio_files_inside(tmp_path, repo_root):
+    exp = save_experiment(tmp_path / "exp", tiny_model(), repo_root)
+    recordings = tmp_path / "recordings"
+    (recordings / "sub").mkdir(parents=True)
+    sf.write(recordings / "a.wav", birdlike(1.0, SR), SR)
+    sf.write(recordings / "b.FLAC", birdlike(1.0, SR, seed=3), SR)
+    (recordings / "notes.txt").write_text("not audio")
+    sf.write(recordings / "sub" / "deeper.wav", birdlike(1.0, SR), SR)
+    written = separate_files(exp, [recordings], tmp_path / "out", chunk_s=1.0, overlap_s=0.25,
+                             device="cpu")
+    assert [p.name for p in written] == ["a_s1.wav", "a_s2.wav", "b_s1.wav", "b_s2.wav"]
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("not audio")
+    with pytest.raises(ValueError, match="empty: a directory without audio files"):
+        separate_files(exp, [recordings / "a.wav", tmp_path / "empty"], tmp_path / "out2",
+                       chunk_s=1.0, overlap_s=0.25, device="cpu")
+    assert not (tmp_path / "out2").exists()  # refused before any work
+
+
+def test_bad_out_dir_and_missing_gpu_are_refused_before_any_work(tmp_path, repo_root,
+                                                                  monkeypatch, capsys):
+    exp = save_experiment(tmp_path / "exp", tiny_model(), repo_root)
+    sf.write(tmp_path / "rec.wav", birdlike(1.0, SR), SR)
+    (tmp_path / "a_file").write_text("")
+    loads = []
+    monkeypatch.setattr(separate, "load_best_model",
+                        lambda exp_dir: loads.append(exp_dir) or tiny_model())
+    argv = ["--conf", str(repo_root / "conf.yml"), "--exp", str(exp), str(tmp_path / "rec.wav")]
+    assert separate.main(argv + ["--out_dir", str(tmp_path / "a_file")]) == 2
+    assert f"--out_dir {tmp_path / 'a_file'}: is a file, not a directory" in capsys.readouterr().err
+    assert separate.main(argv + ["--out_dir", str(tmp_path / "a_file" / "below")]) == 2
+    assert "cannot create it" in capsys.readouterr().err
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert separate.main(argv + ["--out_dir", str(tmp_path / "out"), "--device", "cuda"]) == 2
+    assert "--device cuda: no CUDA GPU is available" in capsys.readouterr().err
+    assert not loads and not (tmp_path / "out").exists()

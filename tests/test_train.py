@@ -14,7 +14,9 @@ import torch
 from asteroid.models import ConvTasNet
 
 import system as system_module
+import train as train_module
 from conftest import TINY_MODEL, needs_cxx
+from eval import main as eval_main
 from model import load_best_model, make_model
 from system import BadBatchWarning, BirdSystem, resolve_precision
 from train import main, train
@@ -292,3 +294,79 @@ def test_auto_compile_falls_back_to_eager_training_when_the_compiler_fails(
     assert attempts   # compilation was tried, failed, and training went on eagerly
     assert last_checkpoint(tmp_path / "exp")["global_step"] == N_TRAIN // BATCH
     ConvTasNet.from_pretrained(str(best))
+
+
+def test_run_command_records_accepted_runs_only_and_eval_says_resume(tiny_conf, tiny_data,
+                                                                     tmp_path, monkeypatch):
+    """run.sh appended its command line before train.py ran, so a refused resume was recorded;
+    eval.py on an unfinished experiment said "train first" where resuming is what is needed."""
+    exp_dir = tmp_path / "exp"
+    conf_path = tmp_path / "tiny.yml"
+    write_conf(tiny_conf, conf_path)
+    argv = ["--conf", str(conf_path), "--data_dir", str(tiny_data), "--exp_dir", str(exp_dir)]
+    # A run killed before best_model.pth was written: checkpoints, no model.
+    monkeypatch.setattr(train_module, "_write_results",
+                        lambda *args: (_ for _ in ()).throw(Killed()))
+    with pytest.raises(Killed):
+        main(argv + ["--run_command", "./run.sh --stage 3 --tag first"])
+    assert list((exp_dir / "checkpoints").glob("*.ckpt"))
+    with pytest.raises(FileNotFoundError, match="holds .* checkpoint.*resume it \\(stage 3"):
+        load_best_model(exp_dir)
+    with pytest.raises(SystemExit, match="training did not finish; resume it"):
+        eval_main(["--data_dir", str(tiny_data), "--exp_dir", str(exp_dir)])
+    monkeypatch.undo()
+
+    with pytest.raises(ConfError, match="other settings"):   # refused: not recorded
+        main(argv + ["--lr", "0.0005", "--run_command", "./run.sh --lr 0.0005"])
+    main(argv)   # resumed and finished: recorded, as train.py's own command by default
+    main(argv)   # nothing to do: not recorded
+    lines = (exp_dir / "run_command.txt").read_text().splitlines()
+    assert [line.split(" ", 2)[2] for line in lines] == [
+        "./run.sh --stage 3 --tag first", "train.py " + " ".join(argv)]
+    with pytest.raises(FileNotFoundError, match="train first"):
+        load_best_model(tmp_path / "never_trained")
+
+
+def test_ddp_on_two_cpu_processes_trains_checkpoints_resumes_and_evaluates(tiny_conf, tiny_data,
+                                                                           tmp_path, repo_root):
+    """Lightning DDP (gloo) with `--accelerator cpu --devices 2`: what several GPUs or nodes run,
+    on one machine. train.py is a subprocess: Lightning's DDP launcher starts the second
+    process by running the same command again."""
+    import os
+    import subprocess
+    import sys
+
+    tiny_conf["training"].update(strategy="ddp", devices=2, num_threads=1, num_nodes=1)
+    conf_path = tmp_path / "ddp.yml"
+    write_conf(tiny_conf, conf_path)
+    exp_dir = tmp_path / "exp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    env.pop("LOCAL_RANK", None)
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        out = subprocess.run([sys.executable, *args], cwd=repo_root, env=env, timeout=240,
+                             capture_output=True, text=True)
+        assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+        return out
+
+    argv = ["train.py", "--conf", str(conf_path), "--data_dir", str(tiny_data),
+            "--exp_dir", str(exp_dir)]
+    run(*argv)
+    # Two processes of two mixtures each: one step per epoch.
+    assert last_checkpoint(exp_dir)["global_step"] == 1
+    assert best_model_infos(exp_dir)["epochs_trained"] == 1
+    out = run(*argv, "--epochs", "2")
+    assert "resuming from" in out.stdout
+    assert last_checkpoint(exp_dir)["global_step"] == 2
+    assert best_model_infos(exp_dir)["epochs_trained"] == 2
+    assert len((exp_dir / "run_command.txt").read_text().splitlines()) == 2  # rank 0 only
+    eval_main(["--data_dir", str(tiny_data), "--exp_dir", str(exp_dir), "--oracles", "false",
+               "--n_save_examples", "0"])
+    metrics = json.loads((exp_dir / "eval" / "final_metrics.json").read_text())
+    assert metrics["n_utterances"] == 1 and metrics["checkpoint"] == str(exp_dir / "best_model.pth")
+
+
+def test_num_nodes_reaches_the_trainer(tiny_conf, tmp_path):
+    tiny_conf["training"].update(strategy="ddp", devices=2, num_nodes=3)
+    trainer, _, _ = train_module._make_trainer(tiny_conf, tmp_path, 2, "32-true")
+    assert (trainer.num_nodes, trainer.num_devices) == (3, 2)

@@ -12,6 +12,8 @@ Failure modes, consumed one per request of a route ("page:<n>" or "XC<id>"):
   "500"      500
   "404"      404
   "truncate" full Content-Length, half the body, connection closed
+  "short"    audio: the first third of the file, with that Content-Length (a file cut short
+             upstream: the transfer looks complete, its mp3 header still says the whole length)
   "timeout"  nothing for `sleep_s` seconds, then the connection is closed
   "garbage"  200 with an HTML page (correct Content-Length): not audio
 """
@@ -202,6 +204,9 @@ class XenoCantoServer:
                 if path is None:
                     self._json(404, {"error": "no such recording"})
                     return
-                self._send(200, path.read_bytes(), "audio/mpeg", cut=mode == "truncate")
+                body = path.read_bytes()
+                if mode == "short":
+                    body = body[:len(body) // 3]
+                self._send(200, body, "audio/mpeg", cut=mode == "truncate")
 
         return Handler

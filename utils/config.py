@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import re
 import sys
 from pathlib import Path
 from typing import Any, Sequence
@@ -22,14 +23,38 @@ class ConfError(ValueError):
 
 
 BASE_KEY = "base"
+# The defaults file: every conf file's values must have the types of its values.
+DEFAULTS_PATH = Path(__file__).resolve().parent.parent / "conf.yml"
+
+
+class ConfLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, but numbers in exponent form without a dot (`1e-3`, `5E+2`) read
+    as floats, as YAML 1.2 reads them (PyYAML follows YAML 1.1, where they are strings)."""
+
+
+ConfLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?(?:[eE][-+]?[0-9]+)?
+                |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+                |[-+]?[0-9][0-9_]*(?::[0-5]?[0-9])+\.[0-9_]*
+                |[-+]?\.(?:inf|Inf|INF)
+                |\.(?:nan|NaN|NAN))$""", re.X),
+    list("-+0123456789."))
+
+
+def load_yaml(text: str) -> Any:
+    """Parse YAML text with ConfLoader."""
+    return yaml.load(text, Loader=ConfLoader)
 
 
 def _load_sections(path: Path) -> tuple[Conf, str | None]:
     """(sections, the `base` file named in it or None) of one conf file."""
     if not path.is_file():
         raise ConfError(f"configuration file not found: {path}")
-    with open(path) as f:
-        conf = yaml.safe_load(f)
+    try:
+        conf = load_yaml(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfError(f"{path}: not valid YAML ({err})") from None
     if not isinstance(conf, dict):
         raise ConfError(f"{path}: expected two levels (section: {{key: value}})")
     base = conf.pop(BASE_KEY, None)
@@ -56,9 +81,32 @@ def _apply_preset(base: Conf, preset: Conf, path: Path, base_path: Path) -> Conf
     return conf
 
 
+def check_types(conf: Conf, path: Path, defaults_path: Path = DEFAULTS_PATH) -> Conf:
+    """`conf` (read from `path`) with each value that is also in the defaults file in the
+    type of the default (an int where a float is expected reads as that float); ConfError
+    naming the file, the key and the expected type otherwise. Keys the defaults file does not
+    have are left as they are; so is everything when there is no defaults file."""
+    if not defaults_path.is_file() or path.resolve() == defaults_path.resolve():
+        return conf
+    defaults, _ = _load_sections(defaults_path)
+    typed = copy.deepcopy(conf)
+    for section, values in typed.items():
+        for key, value in values.items():
+            if key not in defaults.get(section, {}):
+                continue
+            default = defaults[section][key]
+            if isinstance(default, str):
+                if isinstance(value, (list, dict)):
+                    raise ConfError(f"{path}: {key}: expected str, got '{value}'")
+                continue  # "devices: 2", "precision: 32": as YAML reads them, as before
+            values[key] = _conform(f"{path}: {key}", value, default, str(value))
+    return typed
+
+
 def read_conf(path: str | Path) -> Conf:
     """Read a conf file (a preset: its base with the preset's values) and check its shape:
-    sections of scalar/list/dict values, unique second-level keys."""
+    sections of scalar/list/dict values, unique second-level keys, and every value in the type
+    of the defaults file's (conf.yml beside utils/; check_types)."""
     path = Path(path)
     conf, base = _load_sections(path)
     if base is not None:
@@ -67,7 +115,8 @@ def read_conf(path: str | Path) -> Conf:
         if base_of_base is not None:
             raise ConfError(f"{base_path}: the base of {path} names a base of its own; "
                             "a preset's base must be a complete conf file")
-        conf = _apply_preset(base_conf, conf, path, base_path)
+        conf = _apply_preset(check_types(base_conf, base_path), conf, path, base_path)
+    conf = check_types(conf, path)
     seen: dict[str, str] = {}
     for section, values in conf.items():
         for key in values:
@@ -81,7 +130,7 @@ def read_conf(path: str | Path) -> Conf:
 def _coerce(key: str, text: str, default: Any) -> Any:
     """Parse an override string as YAML and check it has the type of the default."""
     try:
-        value = yaml.safe_load(text) if text != "" else ""
+        value = load_yaml(text) if text != "" else ""
     except yaml.YAMLError as err:
         raise ConfError(f"--{key}: cannot parse '{text}': {err}") from None
     return _conform(f"--{key}", value, default, text)
@@ -103,6 +152,8 @@ def _conform(what: str, value: Any, default: Any, text: str) -> Any:
             raise ConfError(f"{what}: expected a number, got '{text}'") from None
     if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if isinstance(default, (int, float)) and isinstance(value, bool):
+        raise ConfError(f"{what}: expected a number, got '{text}'")
     if isinstance(default, str) and not isinstance(value, str):
         return str(text)
     if isinstance(default, list) and not isinstance(value, list):
