@@ -28,7 +28,7 @@ import time
 import warnings
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import pytorch_lightning as pl
 import torch
@@ -242,7 +242,7 @@ def make_loaders(conf: Conf, data_dir: str | Path, resumable: bool = True
 
 
 def _make_trainer(conf: Conf, exp_dir: Path, n_train_batches: int, precision: str,
-                  extra_callbacks: list[Callback]
+                  extra_callbacks: Sequence[Callback] = ()
                   ) -> tuple[pl.Trainer, ModelCheckpoint, EarlyStopping | None]:
     """Lightning Trainer with the recipe's checkpoints, early stopping, time budget and loggers."""
     t, ckpt_dir = conf["training"], (exp_dir / "checkpoints").resolve()

@@ -100,8 +100,8 @@ def run_experiment(experiment: Experiment, conf_path: str | Path, python: str = 
     exp_dir.mkdir(parents=True, exist_ok=True)
     train_cmd = [python, str(REPO_ROOT / "train.py"), "--conf", str(conf_path), "--data_dir", data_dir,
                  "--exp_dir", str(exp_dir), *_flat(experiment.overrides)]
-    with open(exp_dir / "run_command.txt", "a") as log:
-        log.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {shlex.join(train_cmd)}\n")
+    # train.py records the command in run_command.txt once it accepts the run.
+    train_cmd += ["--run_command", shlex.join(train_cmd)]
     _run(train_cmd, f"training {exp_dir}", deadline)
     _run([python, str(REPO_ROOT / "eval.py"), "--data_dir", data_dir, "--exp_dir", str(exp_dir),
           *_flat(experiment.overrides)], f"evaluation of {exp_dir}", deadline)
