@@ -12,7 +12,10 @@ import pandas as pd
 import pytest
 import soundfile as sf
 
-from local.activity import band_energy_db, find_vocalisations
+from scipy.signal import butter, sosfilt
+
+from local.activity import band_energy_db, check_conf_clips, fallback_bands, find_vocalisations, \
+    find_vocalisations_in_band
 from local.clips import CLIP_COLUMNS, NO_VOCALISATION, REJECT_COLUMNS, assign_splits, main, \
     prepare_clips
 from utils.audio import load_audio
@@ -107,6 +110,63 @@ def test_noise_and_silence_give_no_clips(conf):
         crackle[start:start + burst] *= 10 ** (11 / 20)
     for x in (white, brown, padded, np.zeros(20 * sr), quiet_stretch, crackle):
         assert find_vocalisations(x.astype(np.float32), sr, c) == []
+
+
+def song_filled_recording(sample_rate: int, seed: int = 0) -> np.ndarray:
+    """8 s of song all through: 0.15 s syllables (2.6-3.2 kHz sweeps) every 0.17 s, over loud
+    noise at 0.8-1.4 kHz and a faint hiss. Over the whole band the low noise buries the song."""
+    rng = np.random.default_rng(seed)
+    n = 8 * sample_rate
+    band = butter(4, [800, 1400], btype="band", fs=sample_rate, output="sos")
+    x = 0.05 * sosfilt(band, rng.standard_normal(n)) + 1e-3 * rng.standard_normal(n)
+    syllable, step = int(0.15 * sample_rate), int(0.17 * sample_rate)
+    t = np.arange(syllable) / sample_rate
+    for k, start in enumerate(range(int(0.1 * sample_rate), n - syllable, step)):
+        f0 = 2800 + 200 * np.sin(k)
+        x[start:start + syllable] += 0.02 * np.hanning(syllable) * np.sin(
+            2 * np.pi * (f0 + 1500 * t) * t)
+    return x.astype(np.float32)
+
+
+@pytest.mark.parametrize("sample_rate", [8000, 16000])
+def test_song_filling_a_short_recording_is_found_in_its_band(conf, sample_rate):
+    c = conf["clips"]
+    x = song_filled_recording(sample_rate)
+    assert find_vocalisations_in_band(x, sample_rate, c)[0] == []   # the whole band alone
+    clips = find_vocalisations(x, sample_rate, c)
+    assert sum(end - start for start, end, _ in clips) >= 6 * sample_rate
+    assert find_vocalisations(x, sample_rate, {**c, "fallback_bands_hz": []}) == []
+
+
+def test_coloured_noise_gives_no_clip_in_any_band(conf):
+    """Noise only: pink noise, and crackle whose bursts lie inside one fallback band."""
+    c, sr = conf["clips"], conf["clips"]["sample_rate"]
+    rng = np.random.default_rng(4)
+    n = 30 * sr
+    spectrum = np.fft.rfft(rng.standard_normal(n))
+    spectrum[1:] /= np.sqrt(np.fft.rfftfreq(n, 1 / sr)[1:])
+    spectrum[0] = 0
+    pink = np.fft.irfft(spectrum, n)
+    pink *= 1e-2 / pink.std()
+    band = butter(4, [2000, 3500], btype="band", fs=sr, output="sos")
+    bursts = 3e-2 * sosfilt(band, rng.standard_normal(n))
+    crackle = 1e-2 * rng.standard_normal(n)
+    burst = int(0.096 * sr)
+    for start in range(0, n - burst, sr // 2):
+        crackle[start:start + burst] += bursts[start:start + burst]
+    for x in (pink, crackle):
+        assert find_vocalisations(x.astype(np.float32), sr, c) == []
+
+
+def test_fallback_bands_are_capped_and_checked(conf):
+    c = conf["clips"]
+    bands = {**c, "fallback_bands_hz": [[1600, 3200], [2500, 4000], [3200, 6400], [9000, 12000]]}
+    # 3800 Hz cap: [3200, 6400] keeps less than half its width, [9000, 12000] nothing.
+    assert fallback_bands(bands, 8000) == [(1600, 3200), (2500, 3800)]
+    assert fallback_bands(bands, 16000) == [(1600, 3200), (2500, 4000), (3200, 6400)]
+    for bad in ([[3000, 2000]], [[1000]], "1000-2000", [[-5, 100]]):
+        with pytest.raises(ValueError, match="fallback_bands_hz"):
+            check_conf_clips({**c, "fallback_bands_hz": bad})
 
 
 def test_real_recordings_give_loud_clips(conf, xc_dump):
