@@ -19,6 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import noisereduce
 import numpy as np
 from scipy.ndimage import percentile_filter
 from scipy.signal import spectrogram
@@ -28,6 +29,9 @@ from scipy.signal import spectrogram
 DIGITAL_SILENCE_DB = -120.0
 # The band stops short of Nyquist, where the resampler's anti-aliasing filter rolls off.
 NYQUIST_MARGIN = 0.95
+# Shortest noise profile for denoising: inactive frames are topped up with the quietest ones
+# to this length (seconds).
+MIN_NOISE_PROFILE_S = 1.0
 
 
 @dataclass
@@ -84,12 +88,64 @@ def check_conf_clips(conf_clips: dict[str, Any]) -> None:
         raise ValueError("frame_ms and noise_floor_window_s must be positive")
     if not 0 <= conf_clips["noise_floor_percentile"] <= 100:
         raise ValueError("noise_floor_percentile must be within [0, 100]")
+    check_conf_denoise(conf_clips)
     bands = conf_clips["fallback_bands_hz"]
     if not isinstance(bands, list) or not all(
             isinstance(b, (list, tuple)) and len(b) == 2
             and all(isinstance(f, (int, float)) for f in b) and 0 <= b[0] < b[1] for b in bands):
         raise ValueError(f"fallback_bands_hz must be a list of [low_hz, high_hz] pairs with "
                          f"0 <= low_hz < high_hz, got {bands!r}")
+
+
+DENOISE_KEYS = ("denoise", "denoise_n_std_thresh", "denoise_prop_decrease", "denoise_window_ms",
+                "denoise_freq_smooth_hz", "denoise_time_smooth_ms")
+
+
+def check_conf_denoise(conf_clips: dict[str, Any]) -> None:
+    """Raise ValueError (naming the key) for denoising settings that cannot work."""
+    missing = [key for key in DENOISE_KEYS if key not in conf_clips]
+    if missing:
+        raise ValueError(f"clips section lacks {', '.join(missing)}")
+    if not isinstance(conf_clips["denoise"], bool):
+        raise ValueError(f"denoise must be true or false, got {conf_clips['denoise']!r}")
+    if not 0 < conf_clips["denoise_prop_decrease"] <= 1:
+        raise ValueError("denoise_prop_decrease must be within (0, 1], got "
+                         f"{conf_clips['denoise_prop_decrease']!r}")
+    for key in ("denoise_window_ms", "denoise_freq_smooth_hz", "denoise_time_smooth_ms"):
+        if not conf_clips[key] > 0:
+            raise ValueError(f"{key} must be positive, got {conf_clips[key]!r}")
+    if conf_clips["denoise_n_std_thresh"] < 0:
+        raise ValueError("denoise_n_std_thresh must be non-negative, got "
+                         f"{conf_clips['denoise_n_std_thresh']!r}")
+
+
+def denoise(x: np.ndarray, noise: np.ndarray, sample_rate: int,
+            conf_clips: dict[str, Any]) -> np.ndarray:
+    """`x` with its stationary background removed: noisereduce's spectral gating with the
+    noise profile (per-frequency mean and deviation) of `noise`, the recording's own
+    background. A bin passes where it exceeds the noise mean by `denoise_n_std_thresh`
+    deviations; the rest is attenuated by `denoise_prop_decrease`; the mask is smoothed over
+    `denoise_freq_smooth_hz` and `denoise_time_smooth_ms` (at least one STFT bin and hop).
+    Same length as `x`, float32."""
+    n_fft = 1 << max(int(np.ceil(np.log2(conf_clips["denoise_window_ms"] * 1e-3
+                                         * sample_rate))), 4)
+    if len(noise) < n_fft or len(x) == 0:
+        return np.zeros_like(x, dtype=np.float32) if len(x) == 0 else \
+            np.asarray(x, dtype=np.float32).copy()
+    hop = n_fft // 4    # noisereduce's default hop (a quarter of its window, n_fft)
+    freq_smooth = max(float(conf_clips["denoise_freq_smooth_hz"]), sample_rate / (n_fft / 2))
+    time_smooth = max(float(conf_clips["denoise_time_smooth_ms"]), 1000 * hop / sample_rate)
+    clean = noisereduce.reduce_noise(
+        y=np.asarray(x, dtype=np.float32), sr=sample_rate, stationary=True,
+        y_noise=np.asarray(noise, dtype=np.float32),
+        n_std_thresh_stationary=conf_clips["denoise_n_std_thresh"],
+        prop_decrease=conf_clips["denoise_prop_decrease"], n_fft=n_fft, hop_length=hop,
+        freq_mask_smooth_hz=freq_smooth, time_mask_smooth_ms=time_smooth,
+        clip_noise_stationary=False)
+    clean = np.asarray(clean, dtype=np.float32).reshape(-1)
+    if clean.shape[0] != x.shape[0]:
+        clean = np.pad(clean[:x.shape[0]], (0, max(0, x.shape[0] - clean.shape[0])))
+    return clean
 
 
 def band_energy_db(x: np.ndarray, sample_rate: int, frame_ms: float, band_low_hz: float,

@@ -14,7 +14,8 @@ import soundfile as sf
 
 from scipy.signal import butter, sosfilt
 
-from local.activity import band_energy_db, check_conf_clips, fallback_bands, find_vocalisations, \
+from local.activity import MIN_NOISE_PROFILE_S, background_samples, band_energy_db, \
+    check_conf_clips, denoise, detect_vocalisations, fallback_bands, find_vocalisations, \
     find_vocalisations_in_band
 from local.clips import CLIP_COLUMNS, NO_VOCALISATION, REJECT_COLUMNS, assign_splits, main, \
     prepare_clips
@@ -169,6 +170,36 @@ def test_fallback_bands_are_capped_and_checked(conf):
             check_conf_clips({**c, "fallback_bands_hz": bad})
 
 
+def test_denoising_lowers_the_background_of_a_tone_in_noise(conf):
+    """3 kHz tone bursts in pink-ish noise: the denoised clip keeps the tone and loses most of
+    the noise, with the profile from the recording's own inactive frames."""
+    c, sr = conf["clips"], conf["clips"]["sample_rate"]
+    rng = np.random.default_rng(5)
+    n = 12 * sr
+    noise = sosfilt(butter(2, 2000, fs=sr, output="sos"), 2e-2 * rng.standard_normal(n))
+    tone = np.zeros(n)
+    t = np.arange(2 * sr) / sr
+    for start_s in (2, 7):
+        tone[start_s * sr:(start_s + 2) * sr] = 0.05 * np.sin(2 * np.pi * 3000 * t) * np.hanning(2 * sr)
+    x = (tone + noise).astype(np.float32)
+    clips, activity = detect_vocalisations(x, sr, c)
+    assert len(clips) == 2
+    background = background_samples(x, activity, clips, int(MIN_NOISE_PROFILE_S * sr))
+    assert len(background) >= 4 * sr    # most of the 8 s without a tone
+    clean = denoise(x, background, sr, c)
+    assert clean.shape == x.shape and clean.dtype == np.float32
+    for start, end, _ in clips:
+        residual_before = np.sum((x[start:end] - tone[start:end]) ** 2)
+        residual_after = np.sum((clean[start:end] - tone[start:end]) ** 2)
+        assert 10 * np.log10(residual_before / residual_after) > 6
+        # The tone stays: its projection keeps most of its energy.
+        gain = np.dot(clean[start:end], tone[start:end]) / np.dot(tone[start:end], tone[start:end])
+        assert gain > 0.7
+    assert denoise(x, background, sr, c).tobytes() == clean.tobytes()   # deterministic
+    with pytest.raises(ValueError, match="denoise_prop_decrease"):
+        check_conf_clips({**c, "denoise_prop_decrease": 1.5})
+
+
 def test_real_recordings_give_loud_clips(conf, xc_dump):
     c = conf["clips"]
     sr = c["sample_rate"]
@@ -243,6 +274,8 @@ def check_clips_dir(data_dir: Path, clips: pd.DataFrame, sample_rate: int) -> No
     assert on_disk["clip_id"].tolist() == clips["clip_id"].tolist()
     assert sorted(p.name for p in (out / "wav").iterdir()) == \
         sorted(Path(p).name for p in on_disk["path"])
+    assert sorted(p.name for p in (out / "clean").iterdir()) == \
+        sorted(Path(p).name for p in on_disk["path"])
     for row in on_disk.itertuples():
         m = re.fullmatch(r"XC(\d+)_(\d{9})_(\d{9})", row.clip_id)
         assert m and m.group(1) == row.recording_id
@@ -251,6 +284,11 @@ def check_clips_dir(data_dir: Path, clips: pd.DataFrame, sample_rate: int) -> No
         info = sf.info(out / row.path)
         assert (info.samplerate, info.channels, info.subtype) == (sample_rate, 1, "FLOAT")
         assert info.frames == row.n_samples == round((row.end_s - row.start_s) * sample_rate)
+        # The denoised clip: same place, same length, no louder than the recorded one.
+        assert row.clean_path == f"clean/{row.clip_id}.wav"
+        clean, recorded = sf.read(out / row.clean_path)[0], sf.read(out / row.path)[0]
+        assert clean.shape == recorded.shape
+        assert np.sum(clean ** 2) <= np.sum(recorded ** 2) * 1.01
         assert row.sample_rate == sample_rate
         assert row.split in ("tr", "cv", "tt")
     assert on_disk.groupby("recording_id")["split"].nunique().max() == 1
@@ -302,6 +340,12 @@ def test_prepare_clips_rejects_bad_files_and_reruns(conf, xc_dump, tmp_path, cap
     fewer = prepare_clips(with_clips(conf, context_s=0.4), tmp_path)
     assert "900002" not in set(fewer["recording_id"])
     check_clips_dir(tmp_path, fewer, sr)
+
+    # Denoising off is a change too: no clean clips are left, none is listed.
+    plain = prepare_clips(with_clips(conf, context_s=0.4, denoise=False), tmp_path)
+    assert "up to date" not in capsys.readouterr().out
+    assert plain["clip_id"].tolist() == fewer["clip_id"].tolist()
+    assert (plain["clean_path"].fillna("") == "").all() and not any((tmp_path / "clips" / "clean").iterdir())
 
 
 @pytest.mark.parametrize("sample_rate", [16000, 22050])
