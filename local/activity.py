@@ -6,12 +6,20 @@ percentile of the frame energies around it, and at least that of the whole recor
 `activity_threshold_db`. Active runs are merged, given context, cut into clips, and each clip
 must be active often enough and loud enough over the floor as a whole, so that a noise-only
 or silent recording yields no clip.
+
+A recording that yields no clip in the whole band is searched again in each of the narrower
+`fallback_bands_hz`, with the same detector and checks, and gives the clips of the band in
+which the most clip time is found. The whole band sums the background below and above a
+call: a faint call at 3 kHz over loud noise at 1 kHz, or song in one band all through a
+short recording (which lifts the floor percentile into the song), is lost in it and stands
+out in its own band.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any
 
+import noisereduce
 import numpy as np
 from scipy.ndimage import percentile_filter
 from scipy.signal import spectrogram
@@ -21,6 +29,9 @@ from scipy.signal import spectrogram
 DIGITAL_SILENCE_DB = -120.0
 # The band stops short of Nyquist, where the resampler's anti-aliasing filter rolls off.
 NYQUIST_MARGIN = 0.95
+# Shortest noise profile for denoising: inactive frames are topped up with the quietest ones
+# to this length (seconds).
+MIN_NOISE_PROFILE_S = 1.0
 
 
 @dataclass
@@ -55,7 +66,7 @@ class Activity:
 ACTIVITY_KEYS = ("sample_rate", "clip_min_s", "clip_max_s", "band_low_hz", "band_high_hz",
                  "frame_ms", "noise_floor_percentile", "noise_floor_window_s",
                  "activity_threshold_db", "merge_gap_s", "context_s", "min_active_fraction",
-                 "min_clip_snr_db")
+                 "min_clip_snr_db", "fallback_bands_hz")
 
 
 def check_conf_clips(conf_clips: dict[str, Any]) -> None:
@@ -77,6 +88,64 @@ def check_conf_clips(conf_clips: dict[str, Any]) -> None:
         raise ValueError("frame_ms and noise_floor_window_s must be positive")
     if not 0 <= conf_clips["noise_floor_percentile"] <= 100:
         raise ValueError("noise_floor_percentile must be within [0, 100]")
+    check_conf_denoise(conf_clips)
+    bands = conf_clips["fallback_bands_hz"]
+    if not isinstance(bands, list) or not all(
+            isinstance(b, (list, tuple)) and len(b) == 2
+            and all(isinstance(f, (int, float)) for f in b) and 0 <= b[0] < b[1] for b in bands):
+        raise ValueError(f"fallback_bands_hz must be a list of [low_hz, high_hz] pairs with "
+                         f"0 <= low_hz < high_hz, got {bands!r}")
+
+
+DENOISE_KEYS = ("denoise", "denoise_n_std_thresh", "denoise_prop_decrease", "denoise_window_ms",
+                "denoise_freq_smooth_hz", "denoise_time_smooth_ms")
+
+
+def check_conf_denoise(conf_clips: dict[str, Any]) -> None:
+    """Raise ValueError (naming the key) for denoising settings that cannot work."""
+    missing = [key for key in DENOISE_KEYS if key not in conf_clips]
+    if missing:
+        raise ValueError(f"clips section lacks {', '.join(missing)}")
+    if not isinstance(conf_clips["denoise"], bool):
+        raise ValueError(f"denoise must be true or false, got {conf_clips['denoise']!r}")
+    if not 0 < conf_clips["denoise_prop_decrease"] <= 1:
+        raise ValueError("denoise_prop_decrease must be within (0, 1], got "
+                         f"{conf_clips['denoise_prop_decrease']!r}")
+    for key in ("denoise_window_ms", "denoise_freq_smooth_hz", "denoise_time_smooth_ms"):
+        if not conf_clips[key] > 0:
+            raise ValueError(f"{key} must be positive, got {conf_clips[key]!r}")
+    if conf_clips["denoise_n_std_thresh"] < 0:
+        raise ValueError("denoise_n_std_thresh must be non-negative, got "
+                         f"{conf_clips['denoise_n_std_thresh']!r}")
+
+
+def denoise(x: np.ndarray, noise: np.ndarray, sample_rate: int,
+            conf_clips: dict[str, Any]) -> np.ndarray:
+    """`x` with its stationary background removed: noisereduce's spectral gating with the
+    noise profile (per-frequency mean and deviation) of `noise`, the recording's own
+    background. A bin passes where it exceeds the noise mean by `denoise_n_std_thresh`
+    deviations; the rest is attenuated by `denoise_prop_decrease`; the mask is smoothed over
+    `denoise_freq_smooth_hz` and `denoise_time_smooth_ms` (at least one STFT bin and hop).
+    Same length as `x`, float32."""
+    n_fft = 1 << max(int(np.ceil(np.log2(conf_clips["denoise_window_ms"] * 1e-3
+                                         * sample_rate))), 4)
+    if len(noise) < n_fft or len(x) == 0:
+        return np.zeros_like(x, dtype=np.float32) if len(x) == 0 else \
+            np.asarray(x, dtype=np.float32).copy()
+    hop = n_fft // 4    # noisereduce's default hop (a quarter of its window, n_fft)
+    freq_smooth = max(float(conf_clips["denoise_freq_smooth_hz"]), sample_rate / (n_fft / 2))
+    time_smooth = max(float(conf_clips["denoise_time_smooth_ms"]), 1000 * hop / sample_rate)
+    clean = noisereduce.reduce_noise(
+        y=np.asarray(x, dtype=np.float32), sr=sample_rate, stationary=True,
+        y_noise=np.asarray(noise, dtype=np.float32),
+        n_std_thresh_stationary=conf_clips["denoise_n_std_thresh"],
+        prop_decrease=conf_clips["denoise_prop_decrease"], n_fft=n_fft, hop_length=hop,
+        freq_mask_smooth_hz=freq_smooth, time_mask_smooth_ms=time_smooth,
+        clip_noise_stationary=False)
+    clean = np.asarray(clean, dtype=np.float32).reshape(-1)
+    if clean.shape[0] != x.shape[0]:
+        clean = np.pad(clean[:x.shape[0]], (0, max(0, x.shape[0] - clean.shape[0])))
+    return clean
 
 
 def band_energy_db(x: np.ndarray, sample_rate: int, frame_ms: float, band_low_hz: float,
@@ -156,9 +225,70 @@ def _split(start: int, end: int, max_len: int) -> list[tuple[int, int]]:
     return list(zip(bounds[:-1], bounds[1:]))
 
 
+def fallback_bands(conf_clips: dict[str, Any], sample_rate: int) -> list[tuple[float, float]]:
+    """The conf's fallback bands at `sample_rate`, capped below Nyquist; a band that the cap
+    leaves with less than half its width is skipped (a narrow band's energy varies more from
+    frame to frame, so that noise passes its low percentile floor more easily)."""
+    top = NYQUIST_MARGIN * sample_rate / 2
+    return [(float(low), float(min(high, top))) for low, high in conf_clips["fallback_bands_hz"]
+            if min(high, top) - low >= (high - low) / 2]
+
+
+Clip = tuple[int, int, float]
+
+
+def detect_vocalisations(x: np.ndarray, sample_rate: int, conf_clips: dict[str, Any]
+                         ) -> tuple[list[Clip], Activity]:
+    """Clips of `x` holding bird activity, [(start_sample, end_sample, active_fraction)],
+    found in the whole band, or else in the fallback band that gives the most clip time (see
+    the module doc); and the analysis of the band they were found in (the whole band's when
+    there is none)."""
+    check_conf_clips({**conf_clips, "sample_rate": sample_rate})
+    x = np.asarray(x, dtype=np.float64)
+    clips, activity = find_vocalisations_in_band(x, sample_rate, conf_clips)
+    if clips:
+        return clips, activity
+    for low, high in fallback_bands(conf_clips, sample_rate):
+        found, band_activity = find_vocalisations_in_band(
+            x, sample_rate, {**conf_clips, "band_low_hz": low, "band_high_hz": high})
+        if sum(e - s for s, e, _ in found) > sum(e - s for s, e, _ in clips):
+            clips, activity = found, band_activity
+    return clips, activity
+
+
 def find_vocalisations(x: np.ndarray, sample_rate: int,
-                       conf_clips: dict[str, Any]) -> list[tuple[int, int, float]]:
-    """Clips of `x` holding bird activity: [(start_sample, end_sample, active_fraction)].
+                       conf_clips: dict[str, Any]) -> list[Clip]:
+    """The clips of `detect_vocalisations`."""
+    return detect_vocalisations(x, sample_rate, conf_clips)[0]
+
+
+def background_samples(x: np.ndarray, activity: Activity, clips: list[Clip],
+                       min_samples: int) -> np.ndarray:
+    """The recording's background, for a noise profile: its inactive, audible frames outside
+    every clip, joined. Where these hold fewer than `min_samples`, the quietest frames (by band
+    energy) are added until they do (or the recording runs out)."""
+    n_frames = len(activity.active)
+    frame_len = activity.frame_len
+    usable = ~activity.active & (activity.energy_db > DIGITAL_SILENCE_DB)
+    for start, end, _ in clips:
+        usable[activity.frame_range(start, end)] = False
+    chosen = np.flatnonzero(usable)
+    if chosen.size * frame_len < min_samples:
+        audible = np.flatnonzero(activity.energy_db > DIGITAL_SILENCE_DB)
+        quietest = audible[np.argsort(activity.energy_db[audible], kind="stable")]
+        extra = quietest[~np.isin(quietest, chosen)]
+        need = int(np.ceil(min_samples / frame_len)) - chosen.size
+        chosen = np.sort(np.concatenate([chosen, extra[:max(need, 0)]]))
+    chosen = chosen[chosen < n_frames]
+    if chosen.size == 0:
+        return np.zeros(0, dtype=x.dtype)
+    return np.concatenate([x[i * frame_len:(i + 1) * frame_len] for i in chosen])
+
+
+def find_vocalisations_in_band(x: np.ndarray, sample_rate: int, conf_clips: dict[str, Any]
+                               ) -> tuple[list[Clip], Activity]:
+    """Clips of `x` holding activity in the band [band_low_hz, band_high_hz], and the band's
+    analysis.
 
     Active frames closer than `merge_gap_s` are one vocalisation; each gets `context_s`
     either side and is widened to `clip_min_s` where the recording allows; overlapping
@@ -166,7 +296,6 @@ def find_vocalisations(x: np.ndarray, sample_rate: int,
     when it lasts at least `clip_min_s`, at least `min_active_fraction` of its frames are
     active, and its band energy as a whole exceeds the noise floor by `min_clip_snr_db`.
     """
-    check_conf_clips({**conf_clips, "sample_rate": sample_rate})
     activity = analyse(np.asarray(x, dtype=np.float64), sample_rate, conf_clips)
     frame_len, total = activity.frame_len, len(x)
     min_len = int(round(conf_clips["clip_min_s"] * sample_rate))
@@ -186,4 +315,4 @@ def find_vocalisations(x: np.ndarray, sample_rate: int,
             if (end - start >= min_len and fraction >= conf_clips["min_active_fraction"]
                     and activity.snr_db(start, end) >= conf_clips["min_clip_snr_db"]):
                 clips.append((int(start), int(end), fraction))
-    return clips
+    return clips, activity

@@ -2,7 +2,8 @@
 
 Reads `<data_dir>/raw/recordings.csv` (stage 0), decodes each recording at
 `clips.sample_rate`, finds the vocalisations (local/activity.py), writes each as a float32
-mono wav under `<data_dir>/clips/wav/`, assigns whole recordings (or whole species) to
+mono wav under `<data_dir>/clips/wav/` (with `clips.denoise`, also without its background under
+`<data_dir>/clips/clean/`, local/activity.py's `denoise`), assigns whole recordings (or whole species) to
 tr/cv/tt, and lists the clips in `<data_dir>/clips/clips.csv`. Recordings that give no clip
 are listed with the reason in `<data_dir>/clips/rejects.csv`.
 
@@ -19,7 +20,8 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from local.activity import check_conf_clips, find_vocalisations
+from local.activity import MIN_NOISE_PROFILE_S, background_samples, check_conf_clips, denoise, \
+    detect_vocalisations
 from utils.atomic import atomic_path
 from utils.audio import AudioError, load_audio, write_wav
 from utils.config import Conf, parse_stage_args
@@ -28,7 +30,7 @@ from utils.stage_marker import clear_done, is_done, mark_done
 SPLITS = ("tr", "cv", "tt")
 SPLIT_BY = ("recording", "species")
 CLIP_COLUMNS = ["clip_id", "recording_id", "species", "english_name", "split", "start_s", "end_s",
-                "n_samples", "sample_rate", "active_fraction", "path"]
+                "n_samples", "sample_rate", "active_fraction", "path", "clean_path"]
 REJECT_COLUMNS = ["recording_id", "path", "reason"]
 RECORDING_COLUMNS = ["id", "genus", "species", "english_name", "path"]
 NO_VOCALISATION = "no vocalisation found"
@@ -68,24 +70,35 @@ def decode_recording(path: Path, conf_clips: dict[str, Any]) -> np.ndarray:
 
 
 def cut_recording(recording: dict[str, str], raw_dir: Path, wav_dir: Path,
-                  conf_clips: dict[str, Any]) -> list[dict[str, Any]]:
-    """Decode one recording, write its vocalisation clips, and return their clips.csv rows
-    (without split). Raises AudioError when the audio is unusable; other errors (a full disk,
-    say) are the stage's, not the file's, and propagate."""
+                  conf_clips: dict[str, Any], clean_dir: Path | None = None
+                  ) -> list[dict[str, Any]]:
+    """Decode one recording, write its vocalisation clips (and with `clean_dir`, the same
+    clips of the denoised recording), and return their clips.csv rows (without split). Raises
+    AudioError when the audio is unusable; other errors (a full disk, say) are the stage's,
+    not the file's, and propagate."""
     sample_rate = int(conf_clips["sample_rate"])
     x = decode_recording(raw_dir / recording["path"], conf_clips)
+    clips, activity = detect_vocalisations(x, sample_rate, conf_clips)
+    clean = None
+    if clean_dir is not None and clips:
+        noise = background_samples(x, activity, clips, int(MIN_NOISE_PROFILE_S * sample_rate))
+        clean = denoise(x, noise, sample_rate, conf_clips)
     rows = []
-    for start, end, active_fraction in find_vocalisations(x, sample_rate, conf_clips):
+    for start, end, active_fraction in clips:
         start_s, end_s = start / sample_rate, end / sample_rate
         name = clip_id(recording["id"], start_s, end_s)
         write_wav(wav_dir / f"{name}.wav", x[start:end], sample_rate)
+        clean_path = ""
+        if clean is not None:
+            write_wav(clean_dir / f"{name}.wav", clean[start:end], sample_rate)
+            clean_path = f"{clean_dir.name}/{name}.wav"
         rows.append({"clip_id": name, "recording_id": recording["id"],
                      "species": f"{recording['genus']} {recording['species']}",
                      "english_name": recording["english_name"],
                      "start_s": round(start_s, 6), "end_s": round(end_s, 6),
                      "n_samples": end - start, "sample_rate": sample_rate,
                      "active_fraction": round(active_fraction, 4),
-                     "path": f"{wav_dir.name}/{name}.wav"})
+                     "path": f"{wav_dir.name}/{name}.wav", "clean_path": clean_path})
     return rows
 
 
@@ -177,6 +190,7 @@ def prepare_clips(conf: Conf, data_dir: str | Path) -> pd.DataFrame:
     raw_dir = Path(data_dir) / "raw"
     out_dir = Path(data_dir) / "clips"
     wav_dir = out_dir / "wav"
+    clean_dir = out_dir / "clean"
     clips_csv, rejects_csv = out_dir / "clips.csv", out_dir / "rejects.csv"
     recordings_csv = raw_dir / "recordings.csv"
     recordings = read_recordings(recordings_csv)
@@ -192,6 +206,8 @@ def prepare_clips(conf: Conf, data_dir: str | Path) -> pd.DataFrame:
     for path in (clips_csv, rejects_csv):
         path.unlink(missing_ok=True)
     wav_dir.mkdir(parents=True, exist_ok=True)
+    if conf_clips["denoise"]:
+        clean_dir.mkdir(parents=True, exist_ok=True)
 
     rows: list[dict[str, Any]] = []
     rejects: list[dict[str, str]] = []
@@ -207,7 +223,8 @@ def prepare_clips(conf: Conf, data_dir: str | Path) -> pd.DataFrame:
         else:
             seen_ids.add(recording["id"])
             try:
-                new_rows = cut_recording(recording, raw_dir, wav_dir, conf_clips)
+                new_rows = cut_recording(recording, raw_dir, wav_dir, conf_clips,
+                                         clean_dir if conf_clips["denoise"] else None)
                 rows += new_rows
                 reason = None if new_rows else NO_VOCALISATION
             except AudioError as err:
@@ -224,6 +241,7 @@ def prepare_clips(conf: Conf, data_dir: str | Path) -> pd.DataFrame:
     _write_csv(clips, clips_csv)
     _write_csv(pd.DataFrame(rejects, columns=REJECT_COLUMNS), rejects_csv)
     _remove_unlisted_wavs(wav_dir, {Path(p).name for p in clips["path"]})
+    _remove_unlisted_wavs(clean_dir, {Path(p).name for p in clips["clean_path"] if p})
     mark_done(out_dir, MARKER, params)
     print(summary_line(clips, len(recordings), len(rejects)))
     if clips.empty:

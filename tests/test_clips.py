@@ -12,7 +12,11 @@ import pandas as pd
 import pytest
 import soundfile as sf
 
-from local.activity import band_energy_db, find_vocalisations
+from scipy.signal import butter, sosfilt
+
+from local.activity import MIN_NOISE_PROFILE_S, background_samples, band_energy_db, \
+    check_conf_clips, denoise, detect_vocalisations, fallback_bands, find_vocalisations, \
+    find_vocalisations_in_band
 from local.clips import CLIP_COLUMNS, NO_VOCALISATION, REJECT_COLUMNS, assign_splits, main, \
     prepare_clips
 from utils.audio import load_audio
@@ -109,6 +113,93 @@ def test_noise_and_silence_give_no_clips(conf):
         assert find_vocalisations(x.astype(np.float32), sr, c) == []
 
 
+def song_filled_recording(sample_rate: int, seed: int = 0) -> np.ndarray:
+    """8 s of song all through: 0.15 s syllables (2.6-3.2 kHz sweeps) every 0.17 s, over loud
+    noise at 0.8-1.4 kHz and a faint hiss. Over the whole band the low noise buries the song."""
+    rng = np.random.default_rng(seed)
+    n = 8 * sample_rate
+    band = butter(4, [800, 1400], btype="band", fs=sample_rate, output="sos")
+    x = 0.05 * sosfilt(band, rng.standard_normal(n)) + 1e-3 * rng.standard_normal(n)
+    syllable, step = int(0.15 * sample_rate), int(0.17 * sample_rate)
+    t = np.arange(syllable) / sample_rate
+    for k, start in enumerate(range(int(0.1 * sample_rate), n - syllable, step)):
+        f0 = 2800 + 200 * np.sin(k)
+        x[start:start + syllable] += 0.02 * np.hanning(syllable) * np.sin(
+            2 * np.pi * (f0 + 1500 * t) * t)
+    return x.astype(np.float32)
+
+
+@pytest.mark.parametrize("sample_rate", [8000, 16000])
+def test_song_filling_a_short_recording_is_found_in_its_band(conf, sample_rate):
+    c = conf["clips"]
+    x = song_filled_recording(sample_rate)
+    assert find_vocalisations_in_band(x, sample_rate, c)[0] == []   # the whole band alone
+    clips = find_vocalisations(x, sample_rate, c)
+    assert sum(end - start for start, end, _ in clips) >= 6 * sample_rate
+    assert find_vocalisations(x, sample_rate, {**c, "fallback_bands_hz": []}) == []
+
+
+def test_coloured_noise_gives_no_clip_in_any_band(conf):
+    """Noise only: pink noise, and crackle whose bursts lie inside one fallback band."""
+    c, sr = conf["clips"], conf["clips"]["sample_rate"]
+    rng = np.random.default_rng(4)
+    n = 30 * sr
+    spectrum = np.fft.rfft(rng.standard_normal(n))
+    spectrum[1:] /= np.sqrt(np.fft.rfftfreq(n, 1 / sr)[1:])
+    spectrum[0] = 0
+    pink = np.fft.irfft(spectrum, n)
+    pink *= 1e-2 / pink.std()
+    band = butter(4, [2000, 3500], btype="band", fs=sr, output="sos")
+    bursts = 3e-2 * sosfilt(band, rng.standard_normal(n))
+    crackle = 1e-2 * rng.standard_normal(n)
+    burst = int(0.096 * sr)
+    for start in range(0, n - burst, sr // 2):
+        crackle[start:start + burst] += bursts[start:start + burst]
+    for x in (pink, crackle):
+        assert find_vocalisations(x.astype(np.float32), sr, c) == []
+
+
+def test_fallback_bands_are_capped_and_checked(conf):
+    c = conf["clips"]
+    bands = {**c, "fallback_bands_hz": [[1600, 3200], [2500, 4000], [3200, 6400], [9000, 12000]]}
+    # 3800 Hz cap: [3200, 6400] keeps less than half its width, [9000, 12000] nothing.
+    assert fallback_bands(bands, 8000) == [(1600, 3200), (2500, 3800)]
+    assert fallback_bands(bands, 16000) == [(1600, 3200), (2500, 4000), (3200, 6400)]
+    for bad in ([[3000, 2000]], [[1000]], "1000-2000", [[-5, 100]]):
+        with pytest.raises(ValueError, match="fallback_bands_hz"):
+            check_conf_clips({**c, "fallback_bands_hz": bad})
+
+
+def test_denoising_lowers_the_background_of_a_tone_in_noise(conf):
+    """3 kHz tone bursts in pink-ish noise: the denoised clip keeps the tone and loses most of
+    the noise, with the profile from the recording's own inactive frames."""
+    c, sr = conf["clips"], conf["clips"]["sample_rate"]
+    rng = np.random.default_rng(5)
+    n = 12 * sr
+    noise = sosfilt(butter(2, 2000, fs=sr, output="sos"), 2e-2 * rng.standard_normal(n))
+    tone = np.zeros(n)
+    t = np.arange(2 * sr) / sr
+    for start_s in (2, 7):
+        tone[start_s * sr:(start_s + 2) * sr] = 0.05 * np.sin(2 * np.pi * 3000 * t) * np.hanning(2 * sr)
+    x = (tone + noise).astype(np.float32)
+    clips, activity = detect_vocalisations(x, sr, c)
+    assert len(clips) == 2
+    background = background_samples(x, activity, clips, int(MIN_NOISE_PROFILE_S * sr))
+    assert len(background) >= 4 * sr    # most of the 8 s without a tone
+    clean = denoise(x, background, sr, c)
+    assert clean.shape == x.shape and clean.dtype == np.float32
+    for start, end, _ in clips:
+        residual_before = np.sum((x[start:end] - tone[start:end]) ** 2)
+        residual_after = np.sum((clean[start:end] - tone[start:end]) ** 2)
+        assert 10 * np.log10(residual_before / residual_after) > 6
+        # The tone stays: its projection keeps most of its energy.
+        gain = np.dot(clean[start:end], tone[start:end]) / np.dot(tone[start:end], tone[start:end])
+        assert gain > 0.7
+    assert denoise(x, background, sr, c).tobytes() == clean.tobytes()   # deterministic
+    with pytest.raises(ValueError, match="denoise_prop_decrease"):
+        check_conf_clips({**c, "denoise_prop_decrease": 1.5})
+
+
 def test_real_recordings_give_loud_clips(conf, xc_dump):
     c = conf["clips"]
     sr = c["sample_rate"]
@@ -183,6 +274,8 @@ def check_clips_dir(data_dir: Path, clips: pd.DataFrame, sample_rate: int) -> No
     assert on_disk["clip_id"].tolist() == clips["clip_id"].tolist()
     assert sorted(p.name for p in (out / "wav").iterdir()) == \
         sorted(Path(p).name for p in on_disk["path"])
+    assert sorted(p.name for p in (out / "clean").iterdir()) == \
+        sorted(Path(p).name for p in on_disk["path"])
     for row in on_disk.itertuples():
         m = re.fullmatch(r"XC(\d+)_(\d{9})_(\d{9})", row.clip_id)
         assert m and m.group(1) == row.recording_id
@@ -191,6 +284,11 @@ def check_clips_dir(data_dir: Path, clips: pd.DataFrame, sample_rate: int) -> No
         info = sf.info(out / row.path)
         assert (info.samplerate, info.channels, info.subtype) == (sample_rate, 1, "FLOAT")
         assert info.frames == row.n_samples == round((row.end_s - row.start_s) * sample_rate)
+        # The denoised clip: same place, same length, no louder than the recorded one.
+        assert row.clean_path == f"clean/{row.clip_id}.wav"
+        clean, recorded = sf.read(out / row.clean_path)[0], sf.read(out / row.path)[0]
+        assert clean.shape == recorded.shape
+        assert np.sum(clean ** 2) <= np.sum(recorded ** 2) * 1.01
         assert row.sample_rate == sample_rate
         assert row.split in ("tr", "cv", "tt")
     assert on_disk.groupby("recording_id")["split"].nunique().max() == 1
@@ -242,6 +340,12 @@ def test_prepare_clips_rejects_bad_files_and_reruns(conf, xc_dump, tmp_path, cap
     fewer = prepare_clips(with_clips(conf, context_s=0.4), tmp_path)
     assert "900002" not in set(fewer["recording_id"])
     check_clips_dir(tmp_path, fewer, sr)
+
+    # Denoising off is a change too: no clean clips are left, none is listed.
+    plain = prepare_clips(with_clips(conf, context_s=0.4, denoise=False), tmp_path)
+    assert "up to date" not in capsys.readouterr().out
+    assert plain["clip_id"].tolist() == fewer["clip_id"].tolist()
+    assert (plain["clean_path"].fillna("") == "").all() and not any((tmp_path / "clips" / "clean").iterdir())
 
 
 @pytest.mark.parametrize("sample_rate", [16000, 22050])
