@@ -160,7 +160,7 @@ def test_expected_time_is_printed_with_the_cpu_hint(monkeypatch, capsys):
 
     trainer = SimpleNamespace(is_global_zero=True, global_step=0, max_epochs=10,
                               num_training_batches=653)
-    # 2 s per step.
+    # A stand-in clock that advances two seconds a step.
     monkeypatch.setattr(callbacks, "time",
                         SimpleNamespace(monotonic=lambda: 2.0 * trainer.global_step))
     module = SimpleNamespace(device=torch.device("cpu"))
