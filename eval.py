@@ -49,7 +49,8 @@ Separator = Callable[[torch.Tensor], np.ndarray]
 
 
 def _model_separator(model: torch.nn.Module) -> Separator:
-    """Full-length separation on the model's device: mixture (time,) -> (n_src, time) float64."""
+    """Full-length separation on the model's device: mixture (time,) -> (outputs, time)
+    float64: the birds, then the background with `model.background_output`."""
     device = next(model.parameters()).device
 
     def separate(mixture: torch.Tensor) -> np.ndarray:
@@ -148,10 +149,13 @@ def save_spectrogram_figure(path: Path, mixture: np.ndarray, references: np.ndar
 
 
 def save_example(example_dir: Path, mixture: np.ndarray, references: np.ndarray,
-                 estimates: np.ndarray, sample_rate: int, win: int, hop: int) -> None:
-    """mixture.wav, s<k>.wav, s<k>_estimate.wav (estimates aligned to the references) and
-    spectrograms.png."""
+                 estimates: np.ndarray, sample_rate: int, win: int, hop: int,
+                 background: np.ndarray | None = None) -> None:
+    """mixture.wav, s<k>.wav, s<k>_estimate.wav (estimates aligned to the references),
+    background_estimate.wav for a model with a background output, and spectrograms.png."""
     write_wav(example_dir / "mixture.wav", mixture, sample_rate)
+    if background is not None:
+        write_wav(example_dir / "background_estimate.wav", background, sample_rate)
     for k in range(references.shape[0]):
         write_wav(example_dir / f"s{k + 1}.wav", references[k], sample_rate)
         write_wav(example_dir / f"s{k + 1}_estimate.wav", estimates[k], sample_rate)
@@ -173,8 +177,11 @@ def _score_split(dataset: BSDDataset, separate: Separator | None, settings: dict
             mixture = mixture_t.double().numpy()
             references = references_t.double().numpy()
             estimates: dict[str, np.ndarray] = {}
+            background = None
             if separate is not None:
-                estimates["model"] = separate(mixture_t)
+                # The birds are scored; a background output (the model's last) is only saved.
+                outputs = separate(mixture_t)
+                estimates["model"], background = outputs[:dataset.n_src], outputs[dataset.n_src:]
             if with_oracles:
                 estimates.update(oracle_estimates(mixture, references, win, hop))
             if not np.isfinite(mixture).all() or not all(np.isfinite(e).all()
@@ -187,7 +194,7 @@ def _score_split(dataset: BSDDataset, separate: Separator | None, settings: dict
             if separate is not None and idx < n_save:
                 aligned = estimates["model"][scores["model"]["perm"]]
                 save_example(examples_dir / mixture_id, mixture, references, aligned,
-                             sample_rate, win, hop)
+                             sample_rate, win, hop, background[0] if len(background) else None)
     return pd.DataFrame(rows)
 
 
@@ -254,6 +261,13 @@ def evaluate(conf: Conf, data_dir: str | Path, exp_dir: str | Path) -> dict:
 
     keep_freed_memory()   # large activations reused, not page-faulted again (utils/allocator.py)
     model = load_best_model(exp_dir)
+    expected = n_src + 1 if model.background_output else n_src
+    n_outputs = model.get_model_args()["n_src"]
+    if n_outputs != expected:
+        raise ConfError(f"{exp_dir / 'best_model.pth'} has {n_outputs} outputs, "
+                        f"{csv_path} {n_src} sources"
+                        + (" (and the model a background output)" if model.background_output
+                           else ""))
     if getattr(model, "sample_rate", sample_rate) != sample_rate:
         raise ConfError(f"model trained at {model.sample_rate} Hz, data at {sample_rate} Hz "
                         "(--sample_rate)")

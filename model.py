@@ -22,6 +22,7 @@ from asteroid.engine.optimizers import make_optimizer
 from asteroid.models import ConvTasNet
 from asteroid.utils.hub_utils import cached_download
 
+from local.targets import n_outputs
 from utils.config import Conf, ConfError
 
 ENCODER_VARIANTS = ("linear", "relu", "pinv")
@@ -102,7 +103,8 @@ def encoder_variant(model: ConvTasNet) -> str:
 
 def model_kwargs(conf: Conf) -> dict[str, Any]:
     """Constructor arguments of asteroid's ConvTasNet for the conf's `model` section
-    (the thesis' Table IV.1 symbols in comments)."""
+    (the thesis' Table IV.1 symbols in comments). Its outputs are `model.n_src` birds, plus
+    one for the background with `training.targets: background` (local/targets.py)."""
     m = conf["model"]
     encoder = m["encoder"]
     if encoder not in ENCODER_VARIANTS:
@@ -114,7 +116,7 @@ def model_kwargs(conf: Conf) -> dict[str, Any]:
     if m["kernel_size"] < 2:
         raise ConfError(f"--kernel_size {m['kernel_size']}: must be >= 2 (the stride is half of it)")
     return dict(
-        n_src=m["n_src"],
+        n_src=n_outputs(conf),               # C (birds), + 1 with a background output
         n_filters=m["n_filters"],            # N
         kernel_size=m["kernel_size"],        # L
         stride=m["kernel_size"] // 2,        # L/2 (asteroid's ConvTasNet default is a fixed 8)
@@ -202,7 +204,8 @@ def make_model_and_optimizer(conf: Conf, fused: bool = True
 
 def load_best_model(exp_dir: str | Path, implementation: str | None = None) -> ConvTasNet:
     """The trained model of an experiment (`<exp_dir>/best_model.pth`), in eval mode, on CPU,
-    in `implementation` (default: the one it was trained with, fast for files that do not say)."""
+    in `implementation` (default: the one it was trained with, fast for files that do not say).
+    Its `background_output` says whether its last output is the background track."""
     path = Path(exp_dir) / "best_model.pth"
     if not path.is_file():
         checkpoints = sorted((Path(exp_dir) / "checkpoints").glob("*.ckpt"))
@@ -214,7 +217,11 @@ def load_best_model(exp_dir: str | Path, implementation: str | None = None) -> C
                 "which writes best_model.pth")
         raise FileNotFoundError(f"{path} not found: train first (stage 3, train.py)")
     package = torch.load(path, map_location="cpu")
+    trained = package.get("infos", {}).get("training_config", {})
     if implementation is None:
-        trained = package.get("infos", {}).get("training_config", {}).get("model", {})
-        implementation = trained.get("implementation", "fast")
-    return model_class(implementation).from_pretrained(package).eval()
+        implementation = trained.get("model", {}).get("implementation", "fast")
+    model = model_class(implementation).from_pretrained(package).eval()
+    # Trained with `training.targets: background`: the last output is the background, the
+    # others the birds (local/targets.py).
+    model.background_output = trained.get("training", {}).get("targets") == "background"
+    return model

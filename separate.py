@@ -4,8 +4,10 @@
                        [--chunk_s S] [--overlap_s S] [--device cpu|cuda]
 
 Each input (a file, or a directory: the audio files directly inside it; any format libsndfile
-decodes: wav, flac, ogg, mp3; any sample rate; mono or stereo, mixed to mono; any length) gives one wav per source, `<stem>_s1.wav`, ... in DIR, at
-the model's sample rate or, with --input_rate, at the input's rate and length.
+decodes: wav, flac, ogg, mp3; any sample rate; mono or stereo, mixed to mono; any length) gives
+one wav per source, `<stem>_s1.wav`, ... (and `<stem>_background.wav` from a model with a
+background output) in DIR, at the model's sample rate or, with --input_rate, at the input's
+rate and length.
 
 What bounds memory: nothing ever holds a whole file. The decoder reads blocks of about one
 chunk, each block is resampled with enough real context on both sides that the stream equals
@@ -145,12 +147,14 @@ class OverlapAddSeparator:
     MIN_INPUT = 1024  # samples
 
     def __init__(self, model: torch.nn.Module, chunk: int, overlap: int,
-                 device: str | torch.device = "cpu"):
+                 device: str | torch.device = "cpu", fixed_last: bool = False):
+        """`fixed_last`: the model's last output (a background track) keeps its place; only
+        the others are reordered between chunks."""
         if not 0 < overlap <= chunk // 2:
             raise ValueError(f"overlap ({overlap} samples) must be > 0 and at most half a chunk "
                              f"({chunk} samples): the overlap aligns the sources of consecutive "
                              "chunks, and no sample may lie in three chunks")
-        self.model = model
+        self.model, self.fixed_last = model, fixed_last
         self.chunk, self.overlap, self.hop = chunk, overlap, chunk - overlap
         self.device = torch.device(device)
         ramp = np.sin(0.5 * np.pi * (np.arange(overlap) + 0.5) / overlap) ** 2
@@ -175,8 +179,9 @@ class OverlapAddSeparator:
         prev = self._tail.astype(np.float64)
         similarity = (prev @ new.T) / (np.linalg.norm(prev, axis=1)[:, None] *
                                         np.linalg.norm(new, axis=1)[None, :] + 1e-12)
-        _, order = linear_sum_assignment(similarity, maximize=True)
-        return est[order]
+        n_free = est.shape[0] - 1 if self.fixed_last else est.shape[0]
+        _, order = linear_sum_assignment(similarity[:n_free, :n_free], maximize=True)
+        return est[[*order, *range(n_free, est.shape[0])]]
 
     def _process(self, x: np.ndarray, last: bool) -> np.ndarray:
         est = self._separate_chunk(x)
@@ -214,8 +219,10 @@ class OverlapAddSeparator:
 
 def separate_array(model: torch.nn.Module, x: np.ndarray, chunk: int, overlap: int,
                    device: str | torch.device = "cpu") -> np.ndarray:
-    """Separate a mono signal at the model's rate, chunk by chunk: (T,) -> (n_src, T)."""
-    separator = OverlapAddSeparator(model, chunk, overlap, device)
+    """Separate a mono signal at the model's rate, chunk by chunk: (T,) -> (outputs, T) (the
+    birds, then the background for a model with `background_output`)."""
+    separator = OverlapAddSeparator(model, chunk, overlap, device,
+                                    getattr(model, "background_output", False))
     blocks = separator.push(x) + separator.flush()
     return np.concatenate(blocks, axis=1)
 
@@ -226,8 +233,10 @@ class _SourceWriters:
     resampled back to the input's rate and cut to the input's length."""
 
     def __init__(self, stack: contextlib.ExitStack, stem_path: Path, n_src: int, model_sr: int,
-                 input_sr: int | None, block: int):
-        self.paths = [stem_path.with_name(f"{stem_path.name}_s{k + 1}.wav") for k in range(n_src)]
+                 input_sr: int | None, block: int, background: bool = False):
+        n_birds = n_src - 1 if background else n_src
+        names = [f"s{k + 1}" for k in range(n_birds)] + (["background"] if background else [])
+        self.paths = [stem_path.with_name(f"{stem_path.name}_{name}.wav") for name in names]
         self.files = []
         for path in self.paths:
             tmp = stack.enter_context(atomic_path(path))
@@ -264,11 +273,14 @@ class _SourceWriters:
 def separate_file(model: torch.nn.Module, path: str | Path, out_dir: str | Path,
                   chunk_s: float, overlap_s: float, input_rate: bool = False,
                   device: str | torch.device = "cpu", progress: bool = True) -> list[Path]:
-    """Separate one file into `<out_dir>/<stem>_s<k>.wav`; raises AudioError for bad input."""
+    """Separate one file into `<out_dir>/<stem>_s<k>.wav` (and `<stem>_background.wav` for a
+    model with `background_output`); raises AudioError for bad input."""
     path, out_dir = Path(path), Path(out_dir)
     model_sr = int(model.sample_rate)
     chunk = int(round(chunk_s * model_sr))
-    separator = OverlapAddSeparator(model, chunk, int(round(overlap_s * model_sr)), device)
+    background = getattr(model, "background_output", False)
+    separator = OverlapAddSeparator(model, chunk, int(round(overlap_s * model_sr)), device,
+                                    background)
     with open_audio(path) as audio_file, contextlib.ExitStack() as stack:
         in_sr = int(audio_file.samplerate)
         block_in = max(1, int(round(chunk_s * in_sr)))
@@ -287,7 +299,8 @@ def separate_file(model: torch.nn.Module, path: str | Path, out_dir: str | Path,
             for block in blocks:
                 if writers is None:  # the number of sources is known from the first output
                     writers = _SourceWriters(stack, out_dir / path.stem, block.shape[0],
-                                             model_sr, in_sr if input_rate else None, chunk)
+                                             model_sr, in_sr if input_rate else None, chunk,
+                                             background)
                 writers.write(block, n_in)
 
         for x in stream_mono(audio_file, path, block_in):

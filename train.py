@@ -32,7 +32,6 @@ from typing import Any, Sequence
 
 import pytorch_lightning as pl
 import torch
-from asteroid.losses import PITLossWrapper, pairwise_neg_sisdr
 from pytorch_lightning.callbacks import (Callback, EarlyStopping, LearningRateMonitor, ModelCheckpoint,
                                          TQDMProgressBar, Timer)
 from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
@@ -42,7 +41,8 @@ from torch.utils.data import DataLoader
 
 from local.bsd_dataset import ResumableLoader
 from local.data_layouts import DataLayoutError, open_split
-from local.dynamic_mixing import DynamicMixDataset
+from local.dynamic_mixing import DynamicMixDataset, FixedDraws
+from local.targets import check_targets, make_loss
 from local.mixtures import MixtureError
 from model import make_model_and_optimizer
 from system import BirdSystem, compile_for_training, resolve_precision, trains_on_cuda
@@ -100,7 +100,7 @@ def train(conf: Conf, data_dir: str | Path, exp_dir: str | Path,
         train_loader, val_loader = make_loaders(conf, data_dir, resumable=False)
     new_step = compile_for_training(model, t["compile"], t["accelerator"], trainer.world_size, t["compile_mode"])
     system = BirdSystem(model=model, optimizer=optimizer,
-                        loss_func=PITLossWrapper(pairwise_neg_sisdr, pit_from="pw_mtx"),
+                        loss_func=make_loss(conf),
                         train_loader=train_loader, val_loader=val_loader, scheduler=scheduler,
                         config=conf, max_bad_batches=t["max_bad_batches"], new_step=new_step)
     resume_from = str(last_ckpt) if last_ckpt.is_file() else None
@@ -220,7 +220,8 @@ def make_train_loader(conf: Conf, data_dir: str | Path, resumable: bool = True) 
         t = conf["training"]
         train_set = DynamicMixDataset(data_dir, conf["model"]["n_src"], conf, t["segment_s"],
                                       n_items=len(train_set), return_id=True,
-                                      min_source_share=t["min_source_share"])
+                                      min_source_share=t["min_source_share"],
+                                      targets=check_targets(conf))
     batch_size = conf["training"]["batch_size"]
     if len(train_set) < batch_size:
         raise ValueError(f"{train_set.csv_path}: {len(train_set)} mixtures, fewer than one batch "
@@ -237,6 +238,13 @@ def make_loaders(conf: Conf, data_dir: str | Path, resumable: bool = True
     train_loader = make_train_loader(conf, data_dir, resumable)
     # Fixed windows, so that val_loss moves only with the model.
     val_set = _open_checked(conf, data_dir, "cv", random_segments=False)
+    if check_targets(conf) != "recorded":
+        # The stored references are the recorded clips: fixed draws from the cv clips instead.
+        t = conf["training"]
+        val_set = FixedDraws(DynamicMixDataset(data_dir, conf["model"]["n_src"], conf,
+                                               t["segment_s"], n_items=len(val_set), split="cv",
+                                               min_source_share=t["min_source_share"],
+                                               targets=t["targets"]), conf["common"]["seed"])
     val_loader = DataLoader(val_set, shuffle=False, drop_last=False, **_loader_settings(conf))
     return train_loader, val_loader
 

@@ -8,6 +8,11 @@ protection), then a training window is cut from it as from a stored mixture
 (local/bsd_dataset.py's window_start). Item `(index, (seed, epoch))`, as `ShuffledEpochs`
 hands them out, is drawn from a generator seeded with (seed, epoch, index): the same run gives
 the same mixtures in any process, and a resumed run takes up the same epoch again.
+
+The references are the recorded clips, or with `targets` (conf `training.targets`,
+local/targets.py) the denoised clips at the same gains and offsets, or these plus the sum of
+the backgrounds as one more source. The mixture is the sum of the recorded clips in every case,
+and the same draw gives the same mixture and window whatever the targets.
 """
 from __future__ import annotations
 
@@ -18,7 +23,9 @@ import torch
 from torch.utils.data import Dataset
 
 from local.bsd_dataset import fit_to_segment, window_start
-from local.mixtures import ClipPool, MixtureError, load_clips, mix
+from local.mixtures import ClipPool, MixtureError, load_clips, mix, render_sources
+from local.targets import TARGETS
+from utils.audio import AudioError, load_audio
 from utils.config import Conf
 
 # Draws in a row that may fail (a silent crop) before an item gives up.
@@ -33,12 +40,15 @@ def clips_csv_path(data_dir: str | Path) -> Path:
 
 class DynamicMixDataset(Dataset):
     """`n_items` training mixtures a pass, drawn from the `split` clips of
-    `<data_dir>/clips/clips.csv`; items are `(mixture[segment], sources[n_src, segment])`, with
-    `return_id` also an id naming the clips (`dm:<clip>+<clip>`)."""
+    `<data_dir>/clips/clips.csv`; items are `(mixture[segment], references[n, segment])`
+    (n = n_src, or n_src + 1 with `targets="background"`), with `return_id` also an id naming
+    the clips (`dm:<clip>+<clip>`)."""
 
     def __init__(self, data_dir: str | Path, n_src: int, conf: Conf, segment_s: float,
                  n_items: int, min_source_share: float = 0.0, return_id: bool = False,
-                 split: str = "tr"):
+                 split: str = "tr", targets: str = "recorded"):
+        if targets not in TARGETS:
+            raise ValueError(f"targets {targets!r}: expected one of {', '.join(TARGETS)}")
         self.csv_path = clips_csv_path(data_dir)
         if not self.csv_path.is_file():
             raise FileNotFoundError(f"{self.csv_path} not found: dynamic mixing draws from "
@@ -48,15 +58,41 @@ class DynamicMixDataset(Dataset):
         if not audio:
             raise MixtureError(f"{self.csv_path}: no usable '{split}' clip to mix")
         self.pool = ClipPool(clips_df, split, audio, n_src, conf)
+        self.targets = targets
+        self.clean = [] if targets == "recorded" else self.load_clean(clips_df)
         self.n_src, self.n_items = n_src, n_items
         self.segment = int(round(segment_s * self.sample_rate))
         self.min_source_share, self.return_id = min_source_share, return_id
 
+    def load_clean(self, clips_df) -> list[np.ndarray]:
+        """The denoised audio of the pool's clips (stage 1's clean_path), in the pool's order."""
+        hint = (f"--targets {self.targets} needs stage 1's denoised clips: set --denoise true "
+                "and rerun stage 1 (local/clips.py)")
+        if "clean_path" not in clips_df.columns:
+            raise MixtureError(f"{self.csv_path} has no clean_path column; {hint}")
+        clean_of = dict(zip(clips_df["clip_id"], clips_df["clean_path"].fillna("")))
+        clean = []
+        for clip_id, recorded in zip(self.pool.clip_ids, self.pool.clips):
+            if not clean_of[clip_id]:
+                raise MixtureError(f"{self.csv_path}: clip {clip_id} has no clean_path; {hint}")
+            path = self.csv_path.parent / clean_of[clip_id]
+            try:
+                audio = load_audio(path, self.sample_rate)
+            except (AudioError, OSError) as err:
+                raise MixtureError(f"{path}: cannot read the denoised clip ({err}); {hint}") \
+                    from None
+            if audio.shape != recorded.shape:
+                raise MixtureError(f"{path}: {audio.shape[0]} samples, its recorded clip has "
+                                   f"{recorded.shape[0]}; {hint}")
+            clean.append(audio)
+        return clean
+
     def __len__(self) -> int:
         return self.n_items
 
-    def draw(self, rng: np.random.Generator) -> tuple[list[int], np.ndarray]:
-        """(clip indices, references (n_src, length)) of one mixture drawn with `rng`."""
+    def draw_placed(self, rng: np.random.Generator
+                    ) -> tuple[list[int], int, list[int], np.ndarray]:
+        """(clip indices, length, offsets, gains) of one mixture drawn with `rng`."""
         for _ in range(MAX_DRAWS):
             chosen = self.pool.pick(rng)
             if len(chosen) < self.n_src:
@@ -64,9 +100,26 @@ class DynamicMixDataset(Dataset):
             placed = self.pool.place(rng, chosen)
             if placed is not None:
                 length, offsets, _, gains = placed
-                return chosen, self.pool.render(chosen, gains, offsets, length)
+                return chosen, length, offsets, gains
         raise MixtureError(f"{self.csv_path}: no mixture of {self.n_src} clips could be drawn "
                            f"in {MAX_DRAWS} tries (silent clips?)")
+
+    def draw(self, rng: np.random.Generator) -> tuple[list[int], np.ndarray]:
+        """(clip indices, recorded references (n_src, length)) of one mixture drawn with `rng`."""
+        chosen, length, offsets, gains = self.draw_placed(rng)
+        return chosen, self.pool.render(chosen, gains, offsets, length)
+
+    def references(self, mixture: np.ndarray, recorded: np.ndarray, chosen: list[int],
+                   length: int, offsets: list[int], gains: np.ndarray) -> np.ndarray:
+        """The training references of a drawn mixture for `self.targets`, float32."""
+        if self.targets == "recorded":
+            return recorded
+        clean = render_sources([self.clean[i] for i in chosen], gains, offsets, length,
+                               self.pool.m["mode"])
+        if self.targets == "denoised":
+            return clean
+        background = mixture.astype(np.float64) - clean.sum(axis=0, dtype=np.float64)
+        return np.concatenate([clean, background[None].astype(np.float32)])
 
     def __getitem__(self, key: int | tuple[int, tuple[int, ...]]):
         idx, draw_key = key if isinstance(key, tuple) else (key, None)
@@ -74,12 +127,31 @@ class DynamicMixDataset(Dataset):
         # seed it per epoch).
         seed = [*draw_key, idx, DRAW_TAG] if draw_key is not None else np.random.randint(2**32)
         rng = np.random.default_rng(seed)
-        chosen, sources = self.draw(rng)
+        chosen, length, offsets, gains = self.draw_placed(rng)
+        recorded = self.pool.render(chosen, gains, offsets, length)
         start = 0
-        if sources.shape[1] > self.segment:
-            start = window_start(sources, self.segment, self.min_source_share, rng)
-        mixture, sources = fit_to_segment(mix(sources), sources, self.segment, start)
+        if recorded.shape[1] > self.segment:
+            # The window is chosen on the recorded clips, so that it is the same for every target.
+            start = window_start(recorded, self.segment, self.min_source_share, rng)
+        mixture = mix(recorded)
+        sources = self.references(mixture, recorded, chosen, length, offsets, gains)
+        mixture, sources = fit_to_segment(mixture, sources, self.segment, start)
         mixture_t, sources_t = torch.from_numpy(mixture), torch.from_numpy(sources)
         if self.return_id:
             return mixture_t, sources_t, "dm:" + "+".join(self.pool.clip_ids[i] for i in chosen)
         return mixture_t, sources_t
+
+
+class FixedDraws(Dataset):
+    """A dynamic-mixing dataset whose item i is always the same mixture (drawn with the key
+    (seed, 0)): a validation set for targets that the stored mixtures do not hold."""
+
+    def __init__(self, dataset: DynamicMixDataset, seed: int):
+        self.dataset, self.seed = dataset, seed
+        self.csv_path = dataset.csv_path
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, idx: int):
+        return self.dataset[(idx, (self.seed, 0))]

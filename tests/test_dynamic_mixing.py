@@ -178,3 +178,76 @@ def test_expected_time_is_printed_with_the_cpu_hint(monkeypatch, capsys):
     # A 30-minute budget: no hint, the budget is said.
     out = run(30)
     assert "after 30 min" in out and "use the preset" not in out
+
+
+def write_clean_clips(data_dir) -> None:
+    """Denoised versions of write_tiny_clips' clips (the chirp without its noise, scaled)."""
+    clips_csv = data_dir / "clips" / "clips.csv"
+    clips = pd.read_csv(clips_csv)
+    (data_dir / "clips" / "clean").mkdir(exist_ok=True)
+    for row in clips.itertuples():
+        audio, sr = sf.read(data_dir / "clips" / row.path, dtype="float32")
+        sf.write(data_dir / "clips" / "clean" / f"{row.clip_id}.wav", 0.9 * audio, sr,
+                 subtype="FLOAT")
+    clips["clean_path"] = "clean/" + clips["clip_id"] + ".wav"
+    clips.to_csv(clips_csv, index=False)
+
+
+def test_denoised_and_background_targets(tmp_path, dm_conf):
+    write_tiny_clips(tmp_path)
+    with pytest.raises(MixtureError, match="needs stage 1's denoised clips"):
+        DynamicMixDataset(tmp_path, 2, dm_conf, segment_s=1.0, n_items=4, targets="denoised")
+    write_clean_clips(tmp_path)
+    kinds = {t: DynamicMixDataset(tmp_path, 2, dm_conf, segment_s=1.0, n_items=4,
+                                  min_source_share=0.2, targets=t)
+             for t in ("recorded", "denoised", "background")}
+    for i in range(4):
+        key = (i, (17, 0))
+        (mix_r, rec), (mix_d, den), (mix_b, bg) = (kinds[t][key] for t in kinds)
+        # The same mixture (the recorded sum) and window whatever the targets.
+        assert torch.equal(mix_r, mix_d) and torch.equal(mix_r, mix_b)
+        assert torch.equal(mix_r, rec.sum(0))
+        assert den.shape == (2, SAMPLE_RATE) and bg.shape == (3, SAMPLE_RATE)
+        assert torch.allclose(den, 0.9 * rec, atol=1e-6)
+        assert torch.equal(bg[:2], den)
+        assert torch.allclose(bg.sum(0), mix_b, atol=1e-6)       # the references add up
+        assert torch.allclose(bg[2], 0.1 * rec.sum(0), atol=1e-6)
+        again = kinds["background"][key]
+        assert torch.equal(again[1], bg)                          # deterministic
+
+
+def test_targets_conf_and_model_outputs(dm_conf):
+    from local.targets import BirdsAndBackgroundLoss, check_targets, n_outputs
+    from model import make_model
+    dm_conf["training"]["targets"] = "clean"
+    with pytest.raises(ConfError, match="--targets 'clean'"):
+        check_targets(dm_conf)
+    dm_conf["training"].update(targets="background", dynamic_mixing=False)
+    with pytest.raises(ConfError, match="needs --dynamic_mixing true"):
+        check_targets(dm_conf)
+    dm_conf["training"]["dynamic_mixing"] = True
+    assert n_outputs(dm_conf) == 3 and dm_conf["model"]["n_src"] == 2
+    model = make_model(dm_conf)
+    est = model(torch.randn(2, SAMPLE_RATE // 4))
+    assert est.shape[1] == 3
+    refs = torch.randn(2, 3, SAMPLE_RATE // 4)
+    loss = BirdsAndBackgroundLoss()
+    swapped = refs[:, [1, 0, 2]]
+    assert torch.allclose(loss(refs, swapped), loss(refs, refs))   # birds in any order
+    assert loss(refs, refs[:, [2, 1, 0]]) > loss(refs, refs)      # background in place
+
+
+def test_training_with_a_background_output_end_to_end(tmp_path, dm_conf):
+    """targets background: 3 outputs trained on dynamic mixtures, validated on fixed draws
+    from the cv clips; the saved model says its last output is the background."""
+    from model import load_best_model
+    data_dir = tmp_path / "data"
+    write_tiny_bsd(data_dir)
+    write_tiny_clips(data_dir, splits=("tr", "cv"))
+    write_clean_clips(data_dir)
+    dm_conf["training"]["targets"] = "background"
+    best = train(dm_conf, data_dir, tmp_path / "exp")
+    model = load_best_model(best.parent)
+    assert model.background_output and model.get_model_args()["n_src"] == 3
+    curve = pd.read_csv(tmp_path / "exp" / "learning_curve.csv")
+    assert np.isfinite(curve["val_si_snr_db"]).all()

@@ -200,3 +200,42 @@ def test_bad_settings_fail_clearly(tiny_bsd, tiny_exp, tmp_path):
     with pytest.raises(SystemExit, match="8000 Hz"):
         eval_stage.main(["--data_dir", str(data_dir), "--exp_dir", str(tiny_exp),
                          "--sample_rate", "16000"])
+
+
+def test_a_background_output_is_saved_not_scored(tiny_bsd, tmp_path, repo_root):
+    """A model trained with `training.targets: background` has n_src + 1 outputs: the birds
+    are scored, the last one is written as the example's background estimate."""
+    data_dir, _ = tiny_bsd
+    conf = apply_overrides(read_conf(repo_root / "conf.yml"), {
+        **{k: str(v) for k, v in TINY_MODEL.items()}, "n_src": "2", "sample_rate": str(SR),
+        "n_save_examples": "1", "oracles": "false", "targets": "background",
+        "dynamic_mixing": "true"})
+    exp_dir = tmp_path / "bg"
+    write_conf(conf, exp_dir / "conf.yml")
+    torch.manual_seed(0)
+    model = make_model(conf)
+    assert model.get_model_args()["n_src"] == 3
+    package = model.serialize()
+    package["infos"]["training_config"] = conf
+    torch.save(package, exp_dir / "best_model.pth")
+    metrics = eval_stage.main(["--data_dir", str(data_dir), "--exp_dir", str(exp_dir)])
+    assert metrics["n_utterances"] == 3
+    (example,) = (exp_dir / "eval" / "examples").iterdir()
+    assert sorted(p.name for p in example.glob("*.wav")) == [
+        "background_estimate.wav", "mixture.wav", "s1.wav", "s1_estimate.wav", "s2.wav",
+        "s2_estimate.wav"]
+    # The scores are those of the bird outputs.
+    mixture, _ = sf.read(str(example / "mixture.wav"), dtype="float32")
+    with torch.no_grad():
+        outputs = model.eval()(torch.from_numpy(mixture)[None])[0].double().numpy()
+    refs = [sf.read(str(example / f"s{k}.wav"))[0] for k in (1, 2)]
+    best = max(np.mean([si_snr_db(outputs[p[0]], refs[0]), si_snr_db(outputs[p[1]], refs[1])])
+               for p in ((0, 1), (1, 0)))
+    row = pd.read_csv(exp_dir / "eval" / "per_utterance.csv").iloc[0]
+    assert row["si_sdr"] == pytest.approx(best, abs=1e-3)
+
+    # Without the conf saying so, a model with more outputs than sources is refused.
+    del package["infos"]["training_config"]
+    torch.save(package, exp_dir / "best_model.pth")
+    with pytest.raises(SystemExit, match="3 outputs"):
+        eval_stage.main(["--data_dir", str(data_dir), "--exp_dir", str(exp_dir)])
