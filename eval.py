@@ -261,13 +261,10 @@ def evaluate(conf: Conf, data_dir: str | Path, exp_dir: str | Path) -> dict:
 
     keep_freed_memory()   # large activations reused, not page-faulted again (utils/allocator.py)
     model = load_best_model(exp_dir)
-    expected = n_src + 1 if model.background_output else n_src
     n_outputs = model.get_model_args()["n_src"]
-    if n_outputs != expected:
-        raise ConfError(f"{exp_dir / 'best_model.pth'} has {n_outputs} outputs, "
-                        f"{csv_path} {n_src} sources"
-                        + (" (and the model a background output)" if model.background_output
-                           else ""))
+    if n_outputs != n_src + int(model.background_output):
+        raise ConfError(f"{exp_dir / 'best_model.pth'} has {n_outputs} outputs (background "
+                        f"output: {model.background_output}), {csv_path} {n_src} sources")
     if getattr(model, "sample_rate", sample_rate) != sample_rate:
         raise ConfError(f"model trained at {model.sample_rate} Hz, data at {sample_rate} Hz "
                         "(--sample_rate)")

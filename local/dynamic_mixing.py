@@ -104,11 +104,6 @@ class DynamicMixDataset(Dataset):
         raise MixtureError(f"{self.csv_path}: no mixture of {self.n_src} clips could be drawn "
                            f"in {MAX_DRAWS} tries (silent clips?)")
 
-    def draw(self, rng: np.random.Generator) -> tuple[list[int], np.ndarray]:
-        """(clip indices, recorded references (n_src, length)) of one mixture drawn with `rng`."""
-        chosen, length, offsets, gains = self.draw_placed(rng)
-        return chosen, self.pool.render(chosen, gains, offsets, length)
-
     def references(self, mixture: np.ndarray, recorded: np.ndarray, chosen: list[int],
                    length: int, offsets: list[int], gains: np.ndarray) -> np.ndarray:
         """The training references of a drawn mixture for `self.targets`, float32."""
