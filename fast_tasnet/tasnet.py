@@ -120,12 +120,12 @@ def _stat_shape(x: torch.Tensor, kind: str) -> tuple:
 
 
 def _norm_stats(x: torch.Tensor, kind: str, eps: float = NORM_EPS):
-    """Mean and 1/sqrt(var + eps) per norm group (biased variance, as asteroid), two-pass:
-    cascade sums of x, then of (x - mean)^2 (BLAS-style long sums lose digits)."""
-    n = x.shape[-1] * (x.shape[1] if kind == "gLN" else 1)
-    mean = (_group_view(x, kind).sum(1) / n).view(_stat_shape(x, kind))
-    var = (_rows_dot(x, None, kind) / n - mean * mean).clamp_min_(0)
-    return mean, (var + eps).rsqrt_()
+    """Mean and 1/sqrt(var + eps) per norm group (biased variance, as asteroid), centred
+    (torch's var_mean): never E[x^2] - mean^2, which cancels when the mean is large against
+    the spread."""
+    var, mean = torch.var_mean(_group_view(x, kind), dim=1, correction=0)
+    shape = _stat_shape(x, kind)
+    return mean.view(shape), (var + eps).rsqrt_().view(shape)
 
 
 def _group_sum(x: torch.Tensor, kind: str) -> torch.Tensor:
@@ -192,13 +192,11 @@ def fold_norm_into_linear(weight: torch.Tensor, bias: torch.Tensor, gamma: torch
 def _norm_linear_forward(q: torch.Tensor, w: torch.Tensor, b: torch.Tensor, kind: str):
     batch, frames, chans = q.shape
     mean, rstd = _norm_stats(q, kind)
-    z = _linear(q.reshape(-1, chans), w).view(batch, frames, -1)
-    shift_rows = rstd * mean
-    if kind == "gLN":
-        torch.addcmul(b - shift_rows * w.sum(1), z, rstd, out=z)
-    else:
-        z.mul_(rstd).add_(b)
-        z.view(-1, z.shape[-1]).addr_(shift_rows.view(-1), w.sum(1), alpha=-1)
+    # Centred before the product: rstd * (q @ W'^T) - rstd * mean * rowsum(W') would cancel
+    # when the mean is large against the spread.
+    centred = torch.sub(q, mean, out=_WORKSPACE.get("centred", q.shape, q))
+    z = _linear(centred.view(-1, chans), w).view(batch, frames, -1)
+    z.mul_(rstd).add_(b)
     return z, mean, rstd
 
 
@@ -206,32 +204,28 @@ def _norm_linear_backward(grads, q: torch.Tensor, w: torch.Tensor, mean: torch.T
                           rstd: torch.Tensor, kind: str):
     """Gradients of `_norm_linear_forward` w.r.t. q (new tensor), w and b.
 
-    `grads`: gradients of consecutive column ranges of z (None for an unused range)."""
+    `grads`: gradients of consecutive column ranges of z (None for an unused range).
+    Centred throughout: with c = q - mean and g = rstd * (dz @ W'), the input gradient is
+    g - mean(g) - c * rstd^2 * mean(g * c) per norm group (no large terms that cancel)."""
     batch, frames, chans = q.shape
     n = chans * (frames if kind == "gLN" else 1)
     out_chans = w.shape[0]
-    w_sum = w.sum(1)
     scaled = q.new_empty(batch, frames, out_chans)           # rstd * dz
     grad_b = q.new_zeros(out_chans)
-    g_dot_s = q.new_zeros(batch, frames)                       # dz . rowsum(W')
     col = 0
     for grad in grads:
         width = grad.shape[-1]
         cols = slice(col, col + width)
         torch.mul(grad, rstd, out=scaled[..., cols])
         grad_b[cols] = grad.sum((0, 1))
-        g_dot_s += torch.matmul(grad, w_sum[cols])
         col += width
+    centred = torch.sub(q, mean, out=_WORKSPACE.get("centred", q.shape, q))
     scaled2d = scaled.view(-1, out_chans)
-    grad_w = torch.mm(scaled2d.t(), q.reshape(-1, chans))
-    grad_w -= torch.mv(scaled2d.t(), mean.expand(batch, frames, 1).reshape(-1)).unsqueeze(1)
+    grad_w = torch.mm(scaled2d.t(), centred.view(-1, chans))
     grad_q = _linear(scaled2d, w.t()).view(batch, frames, chans)
-    g_dot_s = _group_sum(g_dot_s, kind)
-    # d rstd = sum_o dz (y - mean rowsum(W')) = sum_h q (dz @ W') - mean (dz . rowsum(W'))
-    grad_rstd = _rows_dot(q, grad_q, kind) / rstd - mean * g_dot_s
-    grad_mean = -rstd * g_dot_s
-    slope = (-rstd.pow(3) / n) * grad_rstd                     # 2 * dvar / n
-    grad_q.addcmul_(q, slope).add_(grad_mean / n - slope * mean)
+    group_mean = _group_sum(grad_q.sum(-1), kind) / n
+    coef = (rstd * rstd) * _rows_dot(centred, grad_q, kind) / -n
+    grad_q.addcmul_(centred, coef).sub_(group_mean)
     return grad_q, grad_w, grad_b
 
 
@@ -465,8 +459,7 @@ class _BlockFunction(torch.autograd.Function):
         u = torch.addmm(b_in, x.view(-1, chans), w_in.t()).view(batch, frames, hid)
         p, saved1, is_result1 = _prelu_forward(u, a1, inplace=True)
         mean1, rstd1 = _norm_stats(p, kind)
-        scale1 = rstd1 * gamma1
-        normed = torch.addcmul(beta1 - mean1 * scale1, p, scale1)
+        normed = torch.sub(p, mean1).mul_(rstd1 * gamma1).add_(beta1)   # centred first
         if is_result1:
             del u
         v = _depthwise(normed, taps, b_dw, offsets)
@@ -477,7 +470,10 @@ class _BlockFunction(torch.autograd.Function):
         skip_out = None
         if z.shape[-1] > n_res:
             if skip is None:
-                skip_out = z[..., n_res:].contiguous()
+                # A copy, never a view of z: the next block updates skip in place, which
+                # autograd refuses on a view (`.contiguous()` returns the view itself when z
+                # has one frame and one item).
+                skip_out = z[..., n_res:].clone()
             else:
                 ctx.mark_dirty(skip)
                 skip_out = skip.add_(z[..., n_res:])
@@ -516,16 +512,17 @@ class _BlockFunction(torch.autograd.Function):
         if kind == "gLN":
             n = frames * hid
             sum_g = grad_p.sum(1)                                    # (B, H)
-            sum_gp = _sum_over_time_of_product(grad_p, p)            # (B, H)
-            m1, r1 = mean1.view(batch, 1), rstd1.view(batch, 1)
-            centred = sum_gp - m1 * sum_g                            # sum_t g * (p - mean)
+            p_c = p - mean1                                          # centred
+            centred = _sum_over_time_of_product(grad_p, p_c)         # sum_t g * (p - mean)
+            r1 = rstd1.view(batch, 1)
             grad_beta1 = sum_g.sum(0)
             grad_gamma1 = (r1 * centred).sum(0)
             mean_gxhat = (sum_g * gamma1).sum(1, keepdim=True) / n   # (B, 1)
             mean_gxhat_xhat = r1 * (centred * gamma1).sum(1, keepdim=True) / n
             coef_p = (-(r1 * r1) * mean_gxhat_xhat).view(batch, 1, 1)
-            coef_c = (r1 * r1 * mean_gxhat_xhat * m1 - r1 * mean_gxhat).view(batch, 1, 1)
-            grad_p.mul_(rstd1 * gamma1).addcmul_(p, coef_p).add_(coef_c)
+            coef_c = (-r1 * mean_gxhat).view(batch, 1, 1)
+            grad_p.mul_(rstd1 * gamma1).addcmul_(p_c, coef_p).add_(coef_c)
+            del p_c
         else:
             grad_p, grad_gamma1, grad_beta1 = torch.ops.aten.native_layer_norm_backward(
                 grad_p, p, [hid], mean1, rstd1, gamma1, beta1, [True, True, True])
@@ -615,12 +612,12 @@ def _native_kernels(x: torch.Tensor, *slopes: float):
     return tcn_native.kernels()
 
 
-def _stats_from_sums(sums: torch.Tensor, count: int, like: torch.Tensor):
-    """gLN (mean, rstd) shaped (B, 1, 1) from per-item float64 (sum, sum of squares)."""
-    mean = sums[:, 0] / count
-    var = (sums[:, 1] / count - mean * mean).clamp_min_(0)
+def _stats_from_moments(moments: torch.Tensor, count: int, like: torch.Tensor):
+    """gLN (mean, rstd) shaped (B, 1, 1) from per-item float64 (mean, sum of squared
+    deviations from the mean) of `count` values each (the native kernels' centred sums)."""
+    var = moments[:, 1] / max(count, 1)
     rstd = (var + NORM_EPS).rsqrt_()
-    return mean.to(like.dtype).view(-1, 1, 1), rstd.to(like.dtype).view(-1, 1, 1)
+    return moments[:, 0].to(like.dtype).view(-1, 1, 1), rstd.to(like.dtype).view(-1, 1, 1)
 
 
 def _gln_block_forward(x, skip, w_in, b_in, a1, gamma1, beta1, taps, b_dw, a2, w_out, b_out,
@@ -635,15 +632,15 @@ def _gln_block_forward(x, skip, w_in, b_in, a1, gamma1, beta1, taps, b_dw, a2, w
         # in another.
         u = _mm(x.view(-1, chans), w_in.t(), gemm, out=u).view(batch, frames, hid)
         count = frames * hid
-        mean1, rstd1 = _stats_from_sums(native.bias_prelu_stats_(u, b_in.contiguous(), a1),
-                                        count, u)
+        mean1, rstd1 = _stats_from_moments(native.bias_prelu_stats_(u, b_in.contiguous(), a1),
+                                           count, u)
         scale1 = rstd1 * gamma1                                     # (B, 1, H)
         shift1 = beta1 - mean1 * scale1
         v = torch.empty_like(u) if v is None else v
         sums2 = native.depthwise_prelu_stats(
             u, (taps * scale1).contiguous(), (taps * shift1).contiguous(), b_dw.contiguous(),
             tcn_native.offsets_tensor(offsets), a2, v)
-        mean2, rstd2 = _stats_from_sums(sums2, count, v)
+        mean2, rstd2 = _stats_from_moments(sums2, count, v)
         x_out, skip_out = _gln_output_gemms(v, rstd2, mean2, w_out, b_out, n_res, x, skip,
                                             gemm)
         return x_out, skip_out, (u, True, v, True, (mean1, rstd1, mean2, rstd2))
@@ -660,12 +657,13 @@ def _gln_block_forward(x, skip, w_in, b_in, a1, gamma1, beta1, taps, b_dw, a2, w
                              (mean1, rstd1, mean2, rstd2))
 
 
-def _gln_tap_sums(grad_v, p, taps, offsets, m1, scale1, beta1):
+def _gln_tap_sums(grad_v, centred, taps, offsets, scale1, beta1):
     """Sums over time the depthwise convolution's backward needs (gLN blocks, torch ops):
     (sum_t dv (B, H), tap gradients (P, H), sum_g, sum_gc), where per tap `valid` is the sum of
-    dv over the frames the tap reaches, dot_p = sum_t dv[t] (p[t + o] - mean) over them, and
+    dv over the frames the tap reaches, dot_p = sum_t dv[t] centred[t + o] over them (centred =
+    p - mean, the first norm's input centred by its mean), and
     sum_g = sum_k taps[k] valid_k, sum_gc = sum_k taps[k] dot_p_k (each (B, H))."""
-    frames, hid = p.shape[1], p.shape[2]
+    frames, hid = centred.shape[1], centred.shape[2]
     item_dv = grad_v.sum(1)                                         # (B, H)
     grad_taps, sum_g, sum_gc = [], 0, 0
     for k, offset in enumerate(offsets):
@@ -679,7 +677,7 @@ def _gln_tap_sums(grad_v, p, taps, offsets, m1, scale1, beta1):
             valid = item_dv - grad_v[:, :-offset].sum(1)
         else:
             valid = item_dv
-        dot_p = _sum_over_time_of_product(grad_v[:, sl[0]], p[:, sl[1]]) - m1 * valid
+        dot_p = _sum_over_time_of_product(grad_v[:, sl[0]], centred[:, sl[1]])
         # normalised input = scale1 * (p - mean) + beta1
         grad_taps.append((scale1 * dot_p + beta1 * valid).sum(0))
         sum_g = sum_g + taps[k] * valid
@@ -726,8 +724,11 @@ class _GlobalNormBlockFunction(torch.autograd.Function):
         # Output GEMMs and second norm.  With the output gradient scaled by each item's rstd,
         # dz' = rstd * [d res | d skip], grad_q = dz' @ W' is one GEMM over all items, and
         # so is each item's share of W''s gradient, M_b = dz'_b^T q_b.  The norm's backward
-        # needs sum(q * grad_q) per item, which is <W', M_b>: no pass over q and grad_q.
+        # needs sum((q - mean) * grad_q) per item, which is <W', M_b>: no pass over grad_q.
+        # M_b takes q centred (the uncentred sum less mean * sum(grad_q) would cancel when the
+        # mean is large against the spread).
         q = saved2 if is_result2 else F.leaky_relu(saved2, a2)
+        centred_q = torch.sub(q, mean2, out=_WORKSPACE.get("centred_q", q.shape, q))
         scaled = _WORKSPACE.get("grad_out_scaled", (batch, frames, out_chans), q)
         for g, rows in parts:
             torch.mul(g, rstd2, out=scaled[..., rows])
@@ -736,10 +737,10 @@ class _GlobalNormBlockFunction(torch.autograd.Function):
         buffer = (_WORKSPACE.get("grad_hidden_a", q.shape, q).view(-1, hid)
                   if gemm is not None or _onednn_op() is None else None)
         grad_q = _mm(low_scaled.view(-1, out_chans), w_out, gemm, out=buffer).view(q.shape)
-        item_shares = torch.bmm(low_scaled.transpose(1, 2), _low(q, gemm)).to(q.dtype)  # (B, O, H)
+        item_shares = torch.bmm(low_scaled.transpose(1, 2),
+                                _low(centred_q, gemm)).to(q.dtype)    # (B, O, H)
         item_sums = torch.cat([g.sum(1) for g, _ in parts], 1)          # (B, O)
-        rm2 = (rstd2 * mean2).view(batch, 1)
-        grad_w_out = item_shares.sum(0).sub_((rm2 * item_sums).sum(0).unsqueeze(1))
+        grad_w_out = item_shares.sum(0)
         grad_b_out = item_sums.sum(0)
         g_dot_s = (item_sums @ w_out.sum(1)).view(batch, 1, 1)
         p = saved1 if is_result1 else F.leaky_relu(saved1, a1)
@@ -747,29 +748,31 @@ class _GlobalNormBlockFunction(torch.autograd.Function):
         wide = torch.float64 if q.dtype == torch.float32 else q.dtype
         rows = torch.mv(item_shares.view(batch, -1).to(wide), w_out.reshape(-1).to(wide))
         rows = rows.to(q.dtype).view(batch, 1, 1)
-        grad_rstd = rows / rstd2 - mean2 * g_dot_s
         n = frames * hid
-        slope = (-rstd2.pow(3) / n) * grad_rstd
-        shift = (-rstd2 * g_dot_s) / n - slope * mean2
+        # With c = q - mean2: grad_q + slope * c + shift, shift = -mean(grad_q).
+        slope = (-rstd2.pow(2) / n) * rows
+        shift = (-rstd2 * g_dot_s) / n
         scale1 = (rstd1 * gamma1).view(batch, hid)
-        m1, r1 = mean1.view(batch, 1), rstd1.view(batch, 1)
+        r1 = rstd1.view(batch, 1)
         if native is not None:
             # The norm's and PReLU's backward and the depthwise sums in one pass.
             off = tcn_native.offsets_tensor(offsets)
             neg2, item_dv, tap_sum, tap_dot = native.norm_prelu_backward_taps_(
-                grad_q, q, p, off, slope.view(-1).contiguous(), shift.view(-1).contiguous(), a2)
+                grad_q, q, p, off, slope.view(-1).contiguous(), shift.view(-1).contiguous(),
+                mean2.view(-1).contiguous(), mean1.view(-1).contiguous(), a2)
             grad_slope2 = grad_q.new_tensor([float(neg2.sum()) / a2])
-            item_dv, valid, tap_dot = (t.to(q.dtype) for t in (item_dv, tap_sum, tap_dot))
-            dot_p = tap_dot - m1.unsqueeze(1) * valid                   # (B, P, H)
+            # tap_dot is centred: sum_t dv[t] (p[t + o] - mean1)
+            item_dv, valid, dot_p = (t.to(q.dtype) for t in (item_dv, tap_sum, tap_dot))
             grad_taps = (scale1.unsqueeze(1) * dot_p + beta1 * valid).sum(0)
             sum_g = (taps * valid).sum(1)
             sum_gc = (taps * dot_p).sum(1)
         else:
-            grad_q.addcmul_(q, slope).add_(shift)
+            grad_q.addcmul_(centred_q, slope).add_(shift)
             grad_slope2 = _prelu_backward_(grad_q, saved2, a2, is_result2)
-            item_dv, grad_taps, sum_g, sum_gc = _gln_tap_sums(grad_q, p, taps, offsets, m1,
+            centred_p = torch.sub(p, mean1, out=_WORKSPACE.get("centred_p", p.shape, p))
+            item_dv, grad_taps, sum_g, sum_gc = _gln_tap_sums(grad_q, centred_p, taps, offsets,
                                                               scale1, beta1)
-        del q
+        del q, centred_q
         grad_v = grad_q
         grad_b_dw = item_dv.sum(0)
         # First norm (see the formulas of _BlockFunction).
@@ -778,21 +781,22 @@ class _GlobalNormBlockFunction(torch.autograd.Function):
         grad_gamma1 = (r1 * centred).sum(0)
         mean_gxhat = (sum_g * gamma1).sum(1, keepdim=True) / n
         mean_gxhat_xhat = r1 * (centred * gamma1).sum(1, keepdim=True) / n
+        # grad_p = coef_p * (p - mean1) + coef_c + depthwise backward (centred)
         coef_p = (-(r1 * r1) * mean_gxhat_xhat).view(batch, 1, 1)
-        coef_c = (r1 * r1 * mean_gxhat_xhat * m1 - r1 * mean_gxhat).view(batch, 1, 1)
+        coef_c = (-r1 * mean_gxhat).view(batch, 1, 1)
         grad_p = _WORKSPACE.get("grad_hidden_b", p.shape, p)
         item_taps = taps * scale1.unsqueeze(1)                          # (B, P, H)
         if native is not None:
             neg1, grad_b_in = native.norm_depthwise_prelu_backward(
                 p, grad_v, item_taps.contiguous(), off, coef_p.view(-1).contiguous(),
-                coef_c.view(-1).contiguous(), a1, grad_p)
+                coef_c.view(-1).contiguous(), mean1.view(-1).contiguous(), a1, grad_p)
             grad_slope1 = grad_p.new_tensor([float(neg1.sum()) / a1])
             grad_b_in = grad_b_in.to(p.dtype)
             del p, grad_v, grad_q
             grad_x, grad_w_in = _first_conv_gemms(grad_p, x, w_in, grad_x_out, n_res, gemm)
         else:
-            torch.addcmul(coef_c, p, coef_p, out=grad_p)
-            del p
+            torch.addcmul(coef_c, centred_p, coef_p, out=grad_p)
+            del p, centred_p
             _depthwise(grad_v, item_taps.transpose(0, 1).unsqueeze(2), None,
                        [-o for o in offsets], out=grad_p, accumulate=True)
             del grad_v, grad_q
@@ -1056,6 +1060,11 @@ class FastConvTasNet(ConvTasNet):
         return type(dec.filterbank) is FreeFB and dec.padding == 0 and dec.output_padding == 0
 
     def _mode(self, x: torch.Tensor) -> str:
+        if torch.jit.is_tracing():
+            # torch.jit.trace records asteroid's forward (same parameters, same outputs): the
+            # fast path's autograd functions update tensors in place, which a trace cannot
+            # replay.
+            return "stock"
         if self.impl != "auto":
             return self.impl
         cpu_fp32 = x.device.type == "cpu" and x.dtype == torch.float32
@@ -1266,8 +1275,7 @@ class FastConvTasNet(ConvTasNet):
                 batch, n_frames, hid)
             F.leaky_relu_(u3, float(p["slope1"]))
             mean1, rstd1 = _norm_stats(u3, p["kind"])
-            scale1 = rstd1 * p["gamma1"]
-            torch.addcmul(p["beta1"] - mean1 * scale1, u3, scale1, out=u3)
+            u3.sub_(mean1).mul_(rstd1 * p["gamma1"]).add_(p["beta1"])   # centred first
             _depthwise(u3, p["w_dw"].t().contiguous(), p["b_dw"], p["offsets"], out=v)
             F.leaky_relu_(v, float(p["slope2"]))
             w_out, b_out = fold_norm_into_linear(p["w_out"], p["b_out"], p["gamma2"], p["beta2"])

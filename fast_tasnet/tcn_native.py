@@ -93,9 +93,9 @@ _SIGNATURES = {
     "depthwise_prelu_stats": [_PTR, _PTR, _LONG, _LONG, _LONG, _LONG, _PTR, _PTR, _PTR, _PTR,
                               _FLOAT, _PTR, _INT],
     "norm_prelu_backward_taps": [_PTR, _PTR, _PTR, _LONG, _LONG, _LONG, _LONG, _PTR, _PTR, _PTR,
-                                 _FLOAT, _PTR, _PTR, _PTR, _PTR, _INT],
+                                 _PTR, _PTR, _FLOAT, _PTR, _PTR, _PTR, _PTR, _INT],
     "norm_depthwise_prelu_backward": [_PTR, _PTR, _PTR, _LONG, _LONG, _LONG, _LONG, _PTR, _PTR,
-                                      _PTR, _PTR, _FLOAT, _PTR, _PTR, _INT],
+                                      _PTR, _PTR, _PTR, _FLOAT, _PTR, _PTR, _INT],
     "mask_decode_backward": [_PTR, _PTR, _PTR, _PTR, _LONG, _LONG, _LONG, _LONG, _INT, _PTR, _PTR,
                              _PTR, _INT],
 }
@@ -156,7 +156,7 @@ class NativeKernels:
 
     def bias_prelu_stats_(self, x: torch.Tensor, bias: torch.Tensor, slope: float) -> torch.Tensor:
         """x = leaky_relu(x + bias) in place, x (B, T, C), bias (C,); returns (B, 2) float64
-        (sum, sum of squares) per item."""
+        (mean, sum of squared deviations from the mean) per item."""
         _check(x, bias)
         batch, frames, chans = x.shape
         sums = torch.empty(batch, 2, dtype=torch.float64)
@@ -168,7 +168,7 @@ class NativeKernels:
                               bias: torch.Tensor, offsets: torch.Tensor, slope: float,
                               out: torch.Tensor) -> torch.Tensor:
         """out = leaky(depthwise(p) ...) (see the C file); taps, shift: (B, P, C); offsets: (P,)
-        int64.  Returns (B, 2) float64 statistics of out."""
+        int64.  Returns (B, 2) float64 (mean, sum of squared deviations) per item of out."""
         _check(p, taps, shift, bias, offsets, out)
         batch, frames, chans = p.shape
         sums = torch.empty(batch, 2, dtype=torch.float64)
@@ -179,10 +179,11 @@ class NativeKernels:
 
     def norm_prelu_backward_taps_(self, g: torch.Tensor, q: torch.Tensor, p: torch.Tensor,
                                   offsets: torch.Tensor, coef_q: torch.Tensor,
-                                  coef_c: torch.Tensor, slope: float):
-        """In place on g; returns (neg (B,), item_sum (B, C), tap_sum (B, P, C),
-        tap_dot (B, P, C)), float64."""
-        _check(g, q, p, offsets, coef_q, coef_c)
+                                  coef_c: torch.Tensor, q_mean: torch.Tensor,
+                                  p_mean: torch.Tensor, slope: float):
+        """In place on g; q_mean, p_mean (B,): the norms' means that centre q and p.
+        Returns (neg (B,), item_sum (B, C), tap_sum (B, P, C), tap_dot (B, P, C)), float64."""
+        _check(g, q, p, offsets, coef_q, coef_c, q_mean, p_mean)
         batch, frames, chans = g.shape
         n_taps = offsets.numel()
         neg = torch.empty(batch, dtype=torch.float64)
@@ -190,22 +191,23 @@ class NativeKernels:
         tap_sum = torch.empty(batch, n_taps, chans, dtype=torch.float64)
         tap_dot = torch.empty(batch, n_taps, chans, dtype=torch.float64)
         self._call("norm_prelu_backward_taps", _ptr(g), _ptr(q), _ptr(p), batch, frames, chans,
-                   n_taps, _ptr(offsets), _ptr(coef_q), _ptr(coef_c), slope, _ptr(neg),
+                   n_taps, _ptr(offsets), _ptr(coef_q), _ptr(coef_c), _ptr(q_mean),
+                   _ptr(p_mean), slope, _ptr(neg),
                    _ptr(item_sum), _ptr(tap_sum), _ptr(tap_dot))
         return neg, item_sum, tap_sum, tap_dot
 
     def norm_depthwise_prelu_backward(self, p: torch.Tensor, g: torch.Tensor,
                                       taps: torch.Tensor, offsets: torch.Tensor,
-                                      coef_p: torch.Tensor, coef_c: torch.Tensor, slope: float,
-                                      out: torch.Tensor):
-        """Writes out; returns (neg (B,), col_sum (C,)), float64."""
-        _check(p, g, taps, offsets, coef_p, coef_c, out)
+                                      coef_p: torch.Tensor, coef_c: torch.Tensor,
+                                      p_mean: torch.Tensor, slope: float, out: torch.Tensor):
+        """Writes out (p centred by p_mean (B,)); returns (neg (B,), col_sum (C,)), float64."""
+        _check(p, g, taps, offsets, coef_p, coef_c, p_mean, out)
         batch, frames, chans = p.shape
         neg = torch.empty(batch, dtype=torch.float64)
         col_sum = torch.empty(chans, dtype=torch.float64)
         self._call("norm_depthwise_prelu_backward", _ptr(p), _ptr(g), _ptr(out), batch, frames,
                    chans, offsets.numel(), _ptr(offsets), _ptr(taps), _ptr(coef_p), _ptr(coef_c),
-                   slope, _ptr(neg), _ptr(col_sum))
+                   _ptr(p_mean), slope, _ptr(neg), _ptr(col_sum))
         return neg, col_sum
 
     def mask_decode_backward(self, grad_frames: torch.Tensor, w_dec: torch.Tensor,

@@ -93,7 +93,7 @@ def test_kernel_sums_do_not_depend_on_the_thread_count():
     x = torch.randn(3, 1000, 40, generator=gen)
     q, p = torch.randn(3, 1000, 40, generator=gen), torch.randn(3, 1000, 40, generator=gen)
     offsets = tcn_native.offsets_tensor([-4, 0, 4])
-    coefs = torch.randn(3, generator=gen), torch.randn(3, generator=gen)
+    coefs = tuple(torch.randn(3, generator=gen) for _ in range(4))   # coef_q, coef_c, means
     results = []
     previous = torch.get_num_threads()
     try:

@@ -8,6 +8,9 @@
  * Reductions: each task covers CHUNK frames of one item and sums in float per frame row (or per
  * chunk), the tasks' partial sums are added in double in a fixed order, so the results do not
  * depend on the number of threads (runs are reproducible) and long sums keep their digits.
+ * Norm statistics are centred: each row's mean and sum of squared deviations from it (a
+ * corrected two-pass sum over the row, in cache), merged in double by Chan's formula; never
+ * E[x^2] - mean^2, which cancels when the mean is large against the spread.
  */
 #include <stdlib.h>
 #include <string.h>
@@ -49,46 +52,84 @@ static double *finish_items(double *part, int failed, long items, long chunks, l
     return out;
 }
 
-/* row = leaky_relu(row, a) in place; adds the row's sum and sum of squares to *s and *ss. */
-static inline void leaky_row_sums(float *row, long C, float a, double *s, double *ss)
+/* Merge a group of nb values with mean mb and centred sum of squares m2b into (*n, *mean, *m2)
+ * (Chan, Golub and LeVeque's pairwise update). */
+static inline void merge_moments(double *n, double *mean, double *m2, double nb, double mb,
+                                 double m2b)
 {
-    float rs = 0, rss = 0;
-#pragma omp simd reduction(+ : rs, rss)
+    double total = *n + nb;
+    if (nb == 0) return;
+    double delta = mb - *mean;
+    *mean += delta * (nb / total);
+    *m2 += m2b + delta * delta * (*n * nb / total);
+    *n = total;
+}
+
+/* row = leaky_relu(row, a) in place; merges the row's moments into (*n, *mean, *m2). */
+static inline void leaky_row_moments(float *row, long C, float a, double *n, double *mean,
+                                     double *m2)
+{
+    if (C == 0) return;
+    float rs = 0;
+#pragma omp simd reduction(+ : rs)
     for (long c = 0; c < C; c++) {
         float v = row[c] > 0 ? row[c] : row[c] * a;
         row[c] = v;
         rs += v;
-        rss += v * v;
     }
-    *s += rs;
-    *ss += rss;
+    float shift = rs / (float)C, rd = 0, rdd = 0;
+#pragma omp simd reduction(+ : rd, rdd)
+    for (long c = 0; c < C; c++) {
+        float d = row[c] - shift;
+        rd += d;
+        rdd += d * d;
+    }
+    /* corrected two-pass: the float mean's error is removed with the deviations' sum */
+    double row_m2 = (double)rdd - (double)rd * rd / C;
+    merge_moments(n, mean, m2, (double)C, shift + (double)rd / C, row_m2 > 0 ? row_m2 : 0);
 }
 
-/* x = leaky_relu(x + bias, a) in place (bias: (C,), or NULL); sums[b] = (sum, sum of squares)
- * of item b of the result.  (Adding the bias here saves the GEMM a pass.) */
+/* Moments (mean, centred sum of squares) of each item from its tasks' partials (n, mean, m2),
+ * merged in task order. */
+static void reduce_moments(const double *part, long items, long chunks, double *out)
+{
+    for (long b = 0; b < items; b++) {
+        double n = 0, mean = 0, m2 = 0;
+        for (long j = 0; j < chunks; j++) {
+            const double *src = part + 3 * (b * chunks + j);
+            merge_moments(&n, &mean, &m2, src[0], src[1], src[2]);
+        }
+        out[2 * b] = mean;
+        out[2 * b + 1] = m2;
+    }
+}
+
+/* x = leaky_relu(x + bias, a) in place (bias: (C,), or NULL); sums[b] = (mean, centred sum of
+ * squares) of item b of the result.  (Adding the bias here saves the GEMM a pass.) */
 int bias_prelu_stats(float *x, const float *bias, long B, long T, long C, float a, double *sums,
                      int threads)
 {
     long chunks = n_chunks(T), tasks = B * chunks;
-    double *part = alloc(sizeof(double) * 2 * tasks);
+    double *part = alloc(sizeof(double) * 3 * tasks);
     if (!part) return 1;
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (long task = 0; task < tasks; task++) {
         long b, t0, t1;
         chunk_of(task, chunks, T, &b, &t0, &t1);
-        double s = 0, ss = 0;
+        double n = 0, mean = 0, m2 = 0;
         for (long t = t0; t < t1; t++) {
             float *row = x + (b * T + t) * C;
             if (bias) {
 #pragma omp simd
                 for (long c = 0; c < C; c++) row[c] += bias[c];
             }
-            leaky_row_sums(row, C, a, &s, &ss);
+            leaky_row_moments(row, C, a, &n, &mean, &m2);
         }
-        part[2 * task] = s;
-        part[2 * task + 1] = ss;
+        part[3 * task] = n;
+        part[3 * task + 1] = mean;
+        part[3 * task + 2] = m2;
     }
-    reduce_items(part, B, chunks, 2, sums);
+    reduce_moments(part, B, chunks, sums);
     free(part);
     return 0;
 }
@@ -97,19 +138,19 @@ int bias_prelu_stats(float *x, const float *bias, long B, long T, long C, float 
  *   out[b,t,c] = leaky(bias[c] + sum_k [0 <= t+o_k < T] (taps[b,k,c] p[b,t+o_k,c] + shift[b,k,c]))
  * taps = depthwise taps times the norm's per-item scale, shift = taps times its per-item shift
  * (zero padding applies to the normalised input, so a padded tap adds nothing).
- * sums[b] = (sum, sum of squares) of item b of out. */
+ * sums[b] = (mean, centred sum of squares) of item b of out. */
 int depthwise_prelu_stats(const float *p, float *out, long B, long T, long C, long P,
                           const long *offsets, const float *taps, const float *shift,
                           const float *bias, float a, double *sums, int threads)
 {
     long chunks = n_chunks(T), tasks = B * chunks;
-    double *part = alloc(sizeof(double) * 2 * tasks);
+    double *part = alloc(sizeof(double) * 3 * tasks);
     if (!part) return 1;
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (long task = 0; task < tasks; task++) {
         long b, t0, t1;
         chunk_of(task, chunks, T, &b, &t0, &t1);
-        double s = 0, ss = 0;
+        double n = 0, mean = 0, m2 = 0;
         for (long t = t0; t < t1; t++) {
             float *row = out + (b * T + t) * C;
             memcpy(row, bias, sizeof(float) * C);
@@ -121,27 +162,31 @@ int depthwise_prelu_stats(const float *p, float *out, long B, long T, long C, lo
 #pragma omp simd
                 for (long c = 0; c < C; c++) row[c] += w[c] * src[c] + sh[c];
             }
-            leaky_row_sums(row, C, a, &s, &ss);
+            leaky_row_moments(row, C, a, &n, &mean, &m2);
         }
-        part[2 * task] = s;
-        part[2 * task + 1] = ss;
+        part[3 * task] = n;
+        part[3 * task + 1] = mean;
+        part[3 * task + 2] = m2;
     }
-    reduce_items(part, B, chunks, 2, sums);
+    reduce_moments(part, B, chunks, sums);
     free(part);
     return 0;
 }
 
 /* Backward through the second norm's centring/scaling and the second leaky ReLU, with the
  * reductions the depthwise convolution's backward needs, in place on g:
- *   g' = g + coef_q[b] q + coef_c[b];  g = g' * (q > 0 ? 1 : a)     (q: the leaky ReLU output)
+ *   g' = g + coef_q[b] (q - q_mean[b]) + coef_c[b];  g = g' * (q > 0 ? 1 : a)
+ * (q: the leaky ReLU output, centred by its norm's mean: no large terms that cancel)
  * neg[b]              = sum g' min(q, 0)          (the slope's gradient times a)
  * item_sum[b,c]       = sum_t g[b,t,c]
  * tap_sum[b,k,c]      = sum_t [0 <= t+o_k < T] g[b,t,c]
- * tap_dot[b,k,c]      = sum_t [0 <= t+o_k < T] g[b,t,c] p[b,t+o_k,c]
- * (p: the first leaky ReLU's output, the input of the depthwise convolution's norm). */
+ * tap_dot[b,k,c]      = sum_t [0 <= t+o_k < T] g[b,t,c] (p[b,t+o_k,c] - p_mean[b])
+ * (p: the first leaky ReLU's output, the input of the depthwise convolution's norm, centred by
+ * that norm's mean). */
 int norm_prelu_backward_taps(float *g, const float *q, const float *p, long B, long T, long C,
                              long P, const long *offsets, const float *coef_q,
-                             const float *coef_c, float a, double *neg, double *item_sum,
+                             const float *coef_c, const float *q_mean, const float *p_mean,
+                             float a, double *neg, double *item_sum,
                              double *tap_sum, double *tap_dot, int threads)
 {
     long chunks = n_chunks(T), tasks = B * chunks, width = 1 + (1 + 2 * P) * C;
@@ -159,14 +204,14 @@ int norm_prelu_backward_taps(float *g, const float *q, const float *p, long B, l
             continue;
         }
         double neg_sum = 0;
-        float cq = coef_q[b], cc = coef_c[b];
+        float cq = coef_q[b], cc = coef_c[b], qm = q_mean[b], pm = p_mean[b];
         for (long t = t0; t < t1; t++) {
             float *gr = g + (b * T + t) * C;
             const float *qr = q + (b * T + t) * C;
             float rneg = 0;
 #pragma omp simd reduction(+ : rneg)
             for (long c = 0; c < C; c++) {
-                float gg = gr[c] + cq * qr[c] + cc;
+                float gg = gr[c] + cq * (qr[c] - qm) + cc;
                 float qv = qr[c];
                 rneg += qv < 0 ? gg * qv : 0.0f;
                 gg = qv > 0 ? gg : gg * a;
@@ -182,7 +227,7 @@ int norm_prelu_backward_taps(float *g, const float *q, const float *p, long B, l
 #pragma omp simd
                 for (long c = 0; c < C; c++) {
                     ts[c] += gr[c];
-                    td[c] += gr[c] * pr[c];
+                    td[c] += gr[c] * (pr[c] - pm);
                 }
             }
         }
@@ -205,12 +250,14 @@ int norm_prelu_backward_taps(float *g, const float *q, const float *p, long B, l
 }
 
 /* Gradient of the first leaky ReLU's input from that of the depthwise convolution's output g:
- *   h[b,t,c] = coef_c[b] + coef_p[b] p[b,t,c] + sum_k [0 <= t-o_k < T] taps[b,k,c] g[b,t-o_k,c]
+ *   h[b,t,c] = coef_c[b] + coef_p[b] (p[b,t,c] - p_mean[b])
+ *              + sum_k [0 <= t-o_k < T] taps[b,k,c] g[b,t-o_k,c]
  *   out = h * (p > 0 ? 1 : a)          (p: the leaky ReLU output)
  * neg[b] = sum h min(p, 0);  col_sum[c] = sum over items and frames of out (the bias gradient). */
 int norm_depthwise_prelu_backward(const float *p, const float *g, float *out, long B, long T,
                                   long C, long P, const long *offsets, const float *taps,
-                                  const float *coef_p, const float *coef_c, float a, double *neg,
+                                  const float *coef_p, const float *coef_c, const float *p_mean,
+                                  float a, double *neg,
                                   double *col_sum, int threads)
 {
     long chunks = n_chunks(T), tasks = B * chunks, width = 1 + C;
@@ -227,12 +274,12 @@ int norm_depthwise_prelu_backward(const float *p, const float *g, float *out, lo
             continue;
         }
         double neg_sum = 0;
-        float cp = coef_p[b], cc = coef_c[b];
+        float cp = coef_p[b], cc = coef_c[b], pm = p_mean[b];
         for (long t = t0; t < t1; t++) {
             float *row = out + (b * T + t) * C;
             const float *pr = p + (b * T + t) * C;
 #pragma omp simd
-            for (long c = 0; c < C; c++) row[c] = cc + cp * pr[c];
+            for (long c = 0; c < C; c++) row[c] = cc + cp * (pr[c] - pm);
             for (long k = 0; k < P; k++) {
                 long src_t = t - offsets[k];
                 if (src_t < 0 || src_t >= T) continue;
