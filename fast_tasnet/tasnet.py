@@ -45,6 +45,10 @@ free one, multi-channel input, a masker other than TDConvNet) run asteroid's own
 model is never wrong, only slower.  Checkpoints load both ways with `strict=True`;
 `serialize()` writes `model_name="ConvTasNet"` (and `who_is_pinv`), so asteroid's
 `ConvTasNet.from_pretrained` loads it; `FastConvTasNet.from_pretrained` loads either.
+`torch.jit.trace` records asteroid's forward (the fast path's in-place autograd functions
+cannot be traced); the trace gives the same outputs.  Norm statistics are centred (never
+E[x^2] - mean^2), so float32 gradients stay as accurate as asteroid's own
+(tests/test_fast_gradients.py).
 Speed and parity: `python -m tools.benchmark` (figures in RESULTS.md).
 """
 from __future__ import annotations
