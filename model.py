@@ -64,7 +64,7 @@ class BirdConvTasNet(ConvTasNet):
         own `from_pretrained` would build a ConvTasNet from the name "ConvTasNet")."""
         package = pretrained_model_conf_or_path
         if not isinstance(package, dict):
-            package = torch.load(cached_download(str(package)), map_location="cpu")
+            package = read_package(cached_download(str(package)))
         if package.get("model_name") != "ConvTasNet" or not {"model_args", "state_dict"} <= set(package):
             raise ValueError("expected a serialised asteroid ConvTasNet (model_name, model_args, "
                              f"state_dict), got keys {sorted(package)} with model_name "
@@ -202,6 +202,15 @@ def make_model_and_optimizer(conf: Conf, fused: bool = True
     return model, optimizer
 
 
+def read_package(path: str | Path) -> dict[str, Any]:
+    """A serialised model file (asteroid's format) through torch's safe `weights_only`
+    unpickler. asteroid's own `serialize()` stores torch.__version__ as a TorchVersion (a str
+    subclass), which that unpickler refuses by default: allowed here, so that files written by
+    asteroid itself load too."""
+    with torch.serialization.safe_globals([torch.torch_version.TorchVersion]):
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
 def load_best_model(exp_dir: str | Path, implementation: str | None = None) -> ConvTasNet:
     """The trained model of an experiment (`<exp_dir>/best_model.pth`), in eval mode, on CPU,
     in `implementation` (default: the one it was trained with, fast for files that do not say).
@@ -216,7 +225,7 @@ def load_best_model(exp_dir: str | Path, implementation: str | None = None) -> C
                 "the same run.sh command with --stage 3, or train.py with the same --exp_dir), "
                 "which writes best_model.pth")
         raise FileNotFoundError(f"{path} not found: train first (stage 3, train.py)")
-    package = torch.load(path, map_location="cpu")
+    package = read_package(path)
     trained = package.get("infos", {}).get("training_config", {})
     if implementation is None:
         implementation = trained.get("model", {}).get("implementation", "fast")

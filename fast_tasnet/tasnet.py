@@ -1000,6 +1000,15 @@ def _depthwise_shifted(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
 DEPTHWISE_FORMS = {"conv": _depthwise_reference, "shifted": _depthwise_shifted}
 
 
+def _load_serialised(path) -> dict:
+    """A serialised model file (asteroid's format), loaded with torch's safe `weights_only`
+    unpickler. asteroid's own `serialize()` stores torch.__version__ as a TorchVersion (a str
+    subclass), which that unpickler refuses by default: it is allowed here, so files written
+    by asteroid itself load too."""
+    with torch.serialization.safe_globals([torch.torch_version.TorchVersion]):
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
 # ----------------------------------------------------------------------------------------------
 # The model.
 # ----------------------------------------------------------------------------------------------
@@ -1044,7 +1053,7 @@ class FastConvTasNet(ConvTasNet):
         """Load a serialised ConvTasNet (ours or asteroid's) as a FastConvTasNet."""
         conf = pretrained_model_conf_or_path
         if isinstance(conf, (str, os.PathLike)):
-            conf = torch.load(cached_download(str(conf)), map_location="cpu")
+            conf = _load_serialised(cached_download(str(conf)))
         missing = [k for k in ("model_name", "model_args", "state_dict") if k not in conf]
         if missing:
             raise ValueError(f"Not a serialised asteroid model: missing {missing}")
