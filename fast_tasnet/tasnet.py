@@ -164,8 +164,8 @@ def _negative_part_dot(grad: torch.Tensor, x: torch.Tensor) -> float:
     return total
 
 
-def _rows_dot(a: torch.Tensor, b: Optional[torch.Tensor], kind: str) -> torch.Tensor:
-    """Per norm group, sum of a * b (b=None: a^2) over (B, T, C) tensors, shaped like the
+def _rows_dot(a: torch.Tensor, b: torch.Tensor, kind: str) -> torch.Tensor:
+    """Per norm group, sum of a * b over (B, T, C) tensors, shaped like the
     statistics.  Chunk by chunk with torch's cascade sums (a BLAS dot product accumulates
     millions of float32 terms in a few running sums and loses digits)."""
     batch, frames, chans = a.shape
@@ -175,7 +175,7 @@ def _rows_dot(a: torch.Tensor, b: Optional[torch.Tensor], kind: str) -> torch.Te
         stop = min(frames, start + step)
         prod = _WORKSPACE.get("product", (batch, stop - start, chans), a)
         part = a[:, start:stop]
-        torch.mul(part, part if b is None else b[:, start:stop], out=prod)
+        torch.mul(part, b[:, start:stop], out=prod)
         if kind == "gLN":
             total += prod.view(batch, -1).sum(1)
         else:
@@ -184,8 +184,8 @@ def _rows_dot(a: torch.Tensor, b: Optional[torch.Tensor], kind: str) -> torch.Te
 
 
 # ----------------------------------------------------------------------------------------------
-# "norm -> 1x1 conv" with the norm folded into the product:
-#   z = rstd * (q @ W'^T) + b' - rstd * mean * rowsum(W'),  W' = W * gamma,  b' = b + W @ beta
+# "norm -> 1x1 conv" with the norm's affine folded into the product:
+#   z = rstd * ((q - mean) @ W'^T) + b',  W' = W * gamma,  b' = b + W @ beta
 # ----------------------------------------------------------------------------------------------
 def fold_norm_into_linear(weight: torch.Tensor, bias: torch.Tensor, gamma: torch.Tensor,
                           beta: torch.Tensor):
