@@ -214,6 +214,9 @@ def make_train_loader(conf: Conf, data_dir: str | Path, resumable: bool = True) 
     Without it (several processes: Lightning shards the data with its DistributedSampler), a
     plain shuffle."""
     train_set = _open_checked(conf, data_dir, "tr", return_id=True)
+    if conf["training"]["speed_perturb"] and not conf["training"]["dynamic_mixing"]:
+        raise ConfError("--speed_perturb needs --dynamic_mixing true: the stored tr mixtures "
+                        "are fixed; dynamic mixing draws (and resamples) the clips anew")
     if conf["training"]["dynamic_mixing"]:
         # As many mixtures a pass as BSD-{n}mix/tr holds, so epochs (validation, checkpoints,
         # the schedule) come at the same pace; drawn anew from the tr clips each epoch.
@@ -221,7 +224,8 @@ def make_train_loader(conf: Conf, data_dir: str | Path, resumable: bool = True) 
         train_set = DynamicMixDataset(data_dir, conf["model"]["n_src"], conf, t["segment_s"],
                                       n_items=len(train_set), return_id=True,
                                       min_source_share=t["min_source_share"],
-                                      targets=check_targets(conf))
+                                      targets=check_targets(conf),
+                                      speed_perturb=t["speed_perturb"])
     batch_size = conf["training"]["batch_size"]
     if len(train_set) < batch_size:
         raise ValueError(f"{train_set.csv_path}: {len(train_set)} mixtures, fewer than one batch "

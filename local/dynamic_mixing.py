@@ -9,6 +9,11 @@ protection), then a training window is cut from it as from a stored mixture
 hands them out, is drawn from a generator seeded with (seed, epoch, index): the same run gives
 the same mixtures in any process, and a resumed run takes up the same epoch again.
 
+With `speed_perturb` factors (conf `training.speed_perturb`, as SpeechBrain's recipes
+perturb speed), each chosen clip is first resampled by one of them, drawn per clip: a factor s
+plays it s times faster and s times higher, as a bird of the same kind singing higher or
+faster; a new voice for the model at no cost in data.
+
 The references are the recorded clips, or with `targets` (conf `training.targets`,
 local/targets.py) the denoised clips at the same gains and offsets, or these plus the sum of
 the backgrounds as one more source. The mixture is the sum of the recorded clips in every case,
@@ -16,10 +21,13 @@ and the same draw gives the same mixture and window whatever the targets.
 """
 from __future__ import annotations
 
+from fractions import Fraction
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import torch
+from scipy.signal import resample_poly
 from torch.utils.data import Dataset
 
 from local.bsd_dataset import fit_to_segment, window_start
@@ -32,6 +40,28 @@ from utils.config import Conf
 MAX_DRAWS = 100
 # Mixed into the generator's seed, so dynamic mixing's draws are not stage 2's.
 DRAW_TAG = 0x444D
+# Speed factors farther from 1 than this turn a song into another kind of sound.
+SPEED_RANGE = (0.5, 2.0)
+# Resampling ratios are rounded to fractions with at most this denominator (1 % steps and finer).
+SPEED_DENOMINATOR = 100
+
+
+def speed_ratio(factor: float) -> Fraction:
+    """The resampling ratio (new length / old length) of a speed `factor`, as a fraction, or
+    ValueError outside SPEED_RANGE."""
+    low, high = SPEED_RANGE
+    if not low <= factor <= high:
+        raise ValueError(f"speed factor {factor}: expected one in [{low}, {high}]")
+    return Fraction(1 / factor).limit_denominator(SPEED_DENOMINATOR)
+
+
+def change_speed(audio: np.ndarray, factor: float) -> np.ndarray:
+    """`audio` played `factor` times faster (and higher): polyphase resampling to about
+    len / factor samples (scipy's resample_poly, with its anti-aliasing filter), float32."""
+    ratio = speed_ratio(factor)
+    if ratio == 1:
+        return audio
+    return resample_poly(audio, ratio.numerator, ratio.denominator).astype(np.float32)
 
 
 def clips_csv_path(data_dir: str | Path) -> Path:
@@ -46,7 +76,8 @@ class DynamicMixDataset(Dataset):
 
     def __init__(self, data_dir: str | Path, n_src: int, conf: Conf, segment_s: float,
                  n_items: int, min_source_share: float = 0.0, return_id: bool = False,
-                 split: str = "tr", targets: str = "recorded"):
+                 split: str = "tr", targets: str = "recorded",
+                 speed_perturb: Sequence[float] = ()):
         if targets not in TARGETS:
             raise ValueError(f"targets {targets!r}: expected one of {', '.join(TARGETS)}")
         self.csv_path = clips_csv_path(data_dir)
@@ -63,6 +94,10 @@ class DynamicMixDataset(Dataset):
         self.n_src, self.n_items = n_src, n_items
         self.segment = int(round(segment_s * self.sample_rate))
         self.min_source_share, self.return_id = min_source_share, return_id
+        for factor in speed_perturb:
+            speed_ratio(float(factor))   # checked here, not in a worker
+        # Resampled per draw (under a millisecond a clip), so nothing is held in memory.
+        self.speed_factors = [float(f) for f in speed_perturb]
 
     def load_clean(self, clips_df) -> list[np.ndarray]:
         """The denoised audio of the pool's clips (stage 1's clean_path), in the pool's order."""
@@ -90,26 +125,41 @@ class DynamicMixDataset(Dataset):
     def __len__(self) -> int:
         return self.n_items
 
+    def perturbed(self, clips: Sequence[np.ndarray], factors: Sequence[float]
+                  ) -> list[np.ndarray] | None:
+        """`clips` at their speed `factors` (None without speed perturbation: the pool's own)."""
+        if not self.speed_factors:
+            return None
+        return [change_speed(c, f) for c, f in zip(clips, factors)]
+
     def draw_placed(self, rng: np.random.Generator
-                    ) -> tuple[list[int], int, list[int], np.ndarray]:
-        """(clip indices, length, offsets, gains) of one mixture drawn with `rng`."""
+                    ) -> tuple[list[int], list[float], int, list[int], np.ndarray]:
+        """(clip indices, speed factors, length, offsets, gains) of one mixture drawn with
+        `rng` (factors 1 without speed perturbation)."""
         for _ in range(MAX_DRAWS):
             chosen = self.pool.pick(rng)
             if len(chosen) < self.n_src:
                 continue
-            placed = self.pool.place(rng, chosen)
+            factors = [1.0] * len(chosen)
+            if self.speed_factors:
+                factors = [self.speed_factors[k]
+                           for k in rng.integers(len(self.speed_factors), size=len(chosen))]
+            audio = self.perturbed([self.pool.clips[i] for i in chosen], factors)
+            placed = self.pool.place(rng, chosen, audio)
             if placed is not None:
                 length, offsets, _, gains = placed
-                return chosen, length, offsets, gains
+                return chosen, factors, length, offsets, gains
         raise MixtureError(f"{self.csv_path}: no mixture of {self.n_src} clips could be drawn "
                            f"in {MAX_DRAWS} tries (silent clips?)")
 
     def references(self, mixture: np.ndarray, recorded: np.ndarray, chosen: list[int],
-                   length: int, offsets: list[int], gains: np.ndarray) -> np.ndarray:
+                   factors: list[float], length: int, offsets: list[int], gains: np.ndarray
+                   ) -> np.ndarray:
         """The training references of a drawn mixture for `self.targets`, float32."""
         if self.targets == "recorded":
             return recorded
-        clean = render_sources([self.clean[i] for i in chosen], gains, offsets, length,
+        clean = [self.clean[i] for i in chosen]
+        clean = render_sources(self.perturbed(clean, factors) or clean, gains, offsets, length,
                                self.pool.m["mode"])
         if self.targets == "denoised":
             return clean
@@ -122,14 +172,15 @@ class DynamicMixDataset(Dataset):
         # seed it per epoch).
         seed = [*draw_key, idx, DRAW_TAG] if draw_key is not None else np.random.randint(2**32)
         rng = np.random.default_rng(seed)
-        chosen, length, offsets, gains = self.draw_placed(rng)
-        recorded = self.pool.render(chosen, gains, offsets, length)
+        chosen, factors, length, offsets, gains = self.draw_placed(rng)
+        recorded = self.pool.render(chosen, gains, offsets, length,
+                                    self.perturbed([self.pool.clips[i] for i in chosen], factors))
         start = 0
         if recorded.shape[1] > self.segment:
             # The window is chosen on the recorded clips, so that it is the same for every target.
             start = window_start(recorded, self.segment, self.min_source_share, rng)
         mixture = mix(recorded)
-        sources = self.references(mixture, recorded, chosen, length, offsets, gains)
+        sources = self.references(mixture, recorded, chosen, factors, length, offsets, gains)
         mixture, sources = fit_to_segment(mixture, sources, self.segment, start)
         mixture_t, sources_t = torch.from_numpy(mixture), torch.from_numpy(sources)
         if self.return_id:

@@ -175,7 +175,6 @@ class ClipPool:
         self.species_codes = pd.factorize(self.species)[0]
         self.recording_codes = pd.factorize(self.recordings)[0]
         self.clips = [clip_audio[c] for c in self.clip_ids]
-        self.clip_lengths = np.array([c.shape[0] for c in self.clips])
 
     def __len__(self) -> int:
         return len(self.clips)
@@ -195,27 +194,39 @@ class ClipPool:
                        (self.recording_codes != self.recording_codes[index])
         return chosen
 
-    def place(self, rng: np.random.Generator, chosen: Sequence[int]
+    def audio_of(self, chosen: Sequence[int],
+                 audio: Sequence[np.ndarray] | None = None) -> list[np.ndarray]:
+        """The audio of the `chosen` clips: the pool's, or `audio` (one array per chosen clip,
+        such as dynamic mixing's speed-perturbed copies) where given."""
+        if audio is None:
+            return [self.clips[i] for i in chosen]
+        if len(audio) != len(chosen):
+            raise ValueError(f"{len(audio)} audio arrays for {len(chosen)} chosen clips")
+        return list(audio)
+
+    def place(self, rng: np.random.Generator, chosen: Sequence[int],
+              audio: Sequence[np.ndarray] | None = None
               ) -> tuple[int, list[int], list[float], np.ndarray] | None:
-        """(length, offsets, snrs, gains) of a mixture of the `chosen` clips, or None when a
-        crop is silent (no level to set)."""
+        """(length, offsets, snrs, gains) of a mixture of the `chosen` clips (their `audio`
+        where given, see audio_of), or None when a crop is silent (no level to set)."""
         m = self.m
-        lengths = self.clip_lengths[list(chosen)]
+        clips = self.audio_of(chosen, audio)
+        lengths = np.array([c.shape[0] for c in clips])
         if m["mode"] == "min":
             length = int(lengths.min())
             offsets = [int(rng.integers(n - length + 1)) for n in lengths]
-            segments = [self.clips[i][o:o + length] for i, o in zip(chosen, offsets)]
+            segments = [c[o:o + length] for c, o in zip(clips, offsets)]
         else:
             length = int(lengths.max())
             offsets = [int(rng.integers(length - n + 1)) for n in lengths]
-            segments = [self.clips[i] for i in chosen]
+            segments = clips
         snrs = [0.0] + [float(rng.uniform(m["snr_low_db"], m["snr_high_db"]))
                         for _ in range(self.n_src - 1)]
         rms = np.array([np.sqrt(np.mean(np.square(s, dtype=np.float64))) for s in segments])
         if not np.all(rms > 1e-8):
             return None
         gains = 10.0 ** ((float(m["ref_level_db"]) + np.array(snrs)) / 20.0) / rms
-        sources = self.render(chosen, gains, offsets, length)
+        sources = render_sources(clips, gains, offsets, length, m["mode"])
         peak = max(float(np.abs(mix(sources)).max()), float(np.abs(sources).max()))
         max_peak = float(m["max_peak"]) * (1 - PEAK_MARGIN)
         if peak > max_peak:
@@ -223,9 +234,9 @@ class ClipPool:
         return length, offsets, snrs, gains
 
     def render(self, chosen: Sequence[int], gains: Sequence[float], offsets: Sequence[int],
-               length: int) -> np.ndarray:
+               length: int, audio: Sequence[np.ndarray] | None = None) -> np.ndarray:
         """The scaled references of a placed mixture, float32 (n_src, length)."""
-        return render_sources([self.clips[i] for i in chosen], gains, offsets, length,
+        return render_sources(self.audio_of(chosen, audio), gains, offsets, length,
                               self.m["mode"])
 
 

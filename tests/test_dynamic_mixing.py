@@ -12,10 +12,10 @@ import torch
 
 from conftest import TINY_MODEL
 from local.bsd_dataset import ResumableLoader
-from local.dynamic_mixing import DynamicMixDataset
+from local.dynamic_mixing import DynamicMixDataset, change_speed
 from local.mixtures import MixtureError
 from test_train import BATCH, N_TRAIN, SAMPLE_RATE, write_tiny_bsd
-from train import make_lr_schedule, train
+from train import make_lr_schedule, make_train_loader, train
 from utils.config import ConfError, read_conf
 from utils.training_callbacks import schedule_factor
 
@@ -87,21 +87,73 @@ def test_mixtures_are_drawn_from_seed_epoch_and_index(dm_data, dm_conf):
     assert not torch.equal(dataset[(3, (18, 0))][0], first[3][0])
 
 
-def test_a_resumed_loader_goes_on_with_the_same_mixtures(dm_data, dm_conf):
+@pytest.mark.parametrize("speed_perturb", [(), (0.9, 1.0, 1.1)])
+def test_a_resumed_loader_goes_on_with_the_same_mixtures(dm_data, dm_conf, speed_perturb):
     def loader():
         dataset = DynamicMixDataset(dm_data, 2, dm_conf, segment_s=1.0, n_items=8,
-                                    return_id=True)
+                                    return_id=True, speed_perturb=speed_perturb)
         return ResumableLoader(dataset, batch_size=2, seed=17)
 
-    whole = [batch[2] for batch in loader()]
+    whole = list(loader())
     interrupted = loader()
     batches = iter(interrupted)
-    done = [next(batches)[2] for _ in range(2)]
+    done = [next(batches) for _ in range(2)]
     state = interrupted.state_dict()
     resumed = loader()
     resumed.load_state_dict(state)
-    assert done + [batch[2] for batch in resumed] == whole
-    assert len(set(map(tuple, whole))) == len(whole)
+    went_on = done + list(resumed)
+    assert [b[2] for b in went_on] == [b[2] for b in whole]
+    # The same audio too (speeds, offsets and levels are drawn from the same key).
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+               for a, b in zip(went_on, whole))
+    assert len(set(map(tuple, (b[2] for b in whole)))) == len(whole)
+
+
+def dominant_hz(audio: np.ndarray) -> float:
+    spectrum = np.abs(np.fft.rfft(audio * np.hanning(audio.size)))
+    return float(np.fft.rfftfreq(audio.size, 1 / SAMPLE_RATE)[spectrum.argmax()])
+
+
+def test_change_speed_resamples_to_a_faster_higher_clip():
+    n = SAMPLE_RATE * 2
+    tone = np.sin(2 * np.pi * 1000 * np.arange(n) / SAMPLE_RATE).astype(np.float32)
+    assert change_speed(tone, 1.0) is tone
+    for factor in (0.9, 1.1, 1.25):
+        faster = change_speed(tone, factor)
+        assert faster.dtype == np.float32
+        assert abs(faster.size - n / factor) <= 1
+        assert dominant_hz(faster) == pytest.approx(1000 * factor, abs=2)
+    for factor in (0.0, 0.4, 2.5):
+        with pytest.raises(ValueError, match=f"speed factor {factor}"):
+            change_speed(tone, factor)
+
+
+def test_speed_perturbed_mixtures(dm_data, dm_conf):
+    plain = DynamicMixDataset(dm_data, 2, dm_conf, segment_s=1.0, n_items=8,
+                              min_source_share=0.2, return_id=True)
+    perturbed = DynamicMixDataset(dm_data, 2, dm_conf, segment_s=1.0, n_items=8,
+                                  min_source_share=0.2, return_id=True,
+                                  speed_perturb=[0.8, 1.25])
+    changed = 0
+    for i in range(8):
+        mixture, sources, _ = perturbed[(i, (17, 0))]
+        assert torch.equal(mixture, sources.sum(0))       # still the sum of its references
+        assert (sources.square().sum(1) > 0).all()
+        again = perturbed[(i, (17, 0))]
+        assert torch.equal(again[0], mixture) and torch.equal(again[1], sources)
+        changed += not torch.equal(plain[(i, (17, 0))][0], mixture)
+    assert changed == 8     # no factor is 1: every mixture differs from the recorded clips'
+    with pytest.raises(ValueError, match="speed factor 3.0"):
+        DynamicMixDataset(dm_data, 2, dm_conf, segment_s=1.0, n_items=4, speed_perturb=[3.0])
+
+
+def test_speed_perturbation_needs_dynamic_mixing(dm_data, dm_conf):
+    dm_conf["training"].update(dynamic_mixing=False, speed_perturb=[0.9, 1.1])
+    with pytest.raises(ConfError, match="--speed_perturb needs --dynamic_mixing true"):
+        make_train_loader(dm_conf, dm_data)
+    dm_conf["training"]["dynamic_mixing"] = True
+    loader = make_train_loader(dm_conf, dm_data)
+    assert loader.dataset.speed_factors == [0.9, 1.1]
 
 
 def test_too_few_species_or_no_clips_are_clear_errors(tmp_path, dm_conf):
@@ -210,6 +262,13 @@ def test_denoised_and_background_targets(tmp_path, dm_conf):
         assert den.shape == (2, SAMPLE_RATE) and bg.shape == (3, SAMPLE_RATE)
         assert torch.allclose(den, 0.9 * rec, atol=1e-6)
         assert torch.equal(bg[:2], den)
+        # Speed-perturbed: each denoised clip at its recorded clip's speed.
+        _, rec_sp = DynamicMixDataset(tmp_path, 2, dm_conf, segment_s=1.0, n_items=4,
+                                      min_source_share=0.2, speed_perturb=[0.8, 1.25])[key]
+        _, den_sp = DynamicMixDataset(tmp_path, 2, dm_conf, segment_s=1.0, n_items=4,
+                                      min_source_share=0.2, targets="denoised",
+                                      speed_perturb=[0.8, 1.25])[key]
+        assert torch.allclose(den_sp, 0.9 * rec_sp, atol=1e-6)
         assert torch.allclose(bg.sum(0), mix_b, atol=1e-6)       # the references add up
         assert torch.allclose(bg[2], 0.1 * rec.sum(0), atol=1e-6)
         again = kinds["background"][key]
