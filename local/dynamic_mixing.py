@@ -94,10 +94,10 @@ class DynamicMixDataset(Dataset):
         self.n_src, self.n_items = n_src, n_items
         self.segment = int(round(segment_s * self.sample_rate))
         self.min_source_share, self.return_id = min_source_share, return_id
-        for factor in speed_perturb:
-            speed_ratio(float(factor))   # checked here, not in a worker
         # Resampled per draw (under a millisecond a clip), so nothing is held in memory.
         self.speed_factors = [float(f) for f in speed_perturb]
+        for factor in self.speed_factors:
+            speed_ratio(factor)   # checked here, not in a worker
 
     def load_clean(self, clips_df) -> list[np.ndarray]:
         """The denoised audio of the pool's clips (stage 1's clean_path), in the pool's order."""
@@ -125,17 +125,11 @@ class DynamicMixDataset(Dataset):
     def __len__(self) -> int:
         return self.n_items
 
-    def perturbed(self, clips: Sequence[np.ndarray], factors: Sequence[float]
-                  ) -> list[np.ndarray] | None:
-        """`clips` at their speed `factors` (None without speed perturbation: the pool's own)."""
-        if not self.speed_factors:
-            return None
-        return [change_speed(c, f) for c, f in zip(clips, factors)]
-
     def draw_placed(self, rng: np.random.Generator
-                    ) -> tuple[list[int], list[float], int, list[int], np.ndarray]:
-        """(clip indices, speed factors, length, offsets, gains) of one mixture drawn with
-        `rng` (factors 1 without speed perturbation)."""
+                    ) -> tuple[list[int], list[float], list[np.ndarray], int, list[int],
+                               np.ndarray]:
+        """(clip indices, speed factors, the clips' audio at those speeds, length, offsets,
+        gains) of one mixture drawn with `rng` (factors 1 without speed perturbation)."""
         for _ in range(MAX_DRAWS):
             chosen = self.pool.pick(rng)
             if len(chosen) < self.n_src:
@@ -144,11 +138,11 @@ class DynamicMixDataset(Dataset):
             if self.speed_factors:
                 factors = [self.speed_factors[k]
                            for k in rng.integers(len(self.speed_factors), size=len(chosen))]
-            audio = self.perturbed([self.pool.clips[i] for i in chosen], factors)
+            audio = [change_speed(self.pool.clips[i], f) for i, f in zip(chosen, factors)]
             placed = self.pool.place(rng, chosen, audio)
             if placed is not None:
                 length, offsets, _, gains = placed
-                return chosen, factors, length, offsets, gains
+                return chosen, factors, audio, length, offsets, gains
         raise MixtureError(f"{self.csv_path}: no mixture of {self.n_src} clips could be drawn "
                            f"in {MAX_DRAWS} tries (silent clips?)")
 
@@ -158,9 +152,8 @@ class DynamicMixDataset(Dataset):
         """The training references of a drawn mixture for `self.targets`, float32."""
         if self.targets == "recorded":
             return recorded
-        clean = [self.clean[i] for i in chosen]
-        clean = render_sources(self.perturbed(clean, factors) or clean, gains, offsets, length,
-                               self.pool.m["mode"])
+        clean = render_sources([change_speed(self.clean[i], f) for i, f in zip(chosen, factors)],
+                               gains, offsets, length, self.pool.m["mode"])
         if self.targets == "denoised":
             return clean
         background = mixture.astype(np.float64) - clean.sum(axis=0, dtype=np.float64)
@@ -172,9 +165,8 @@ class DynamicMixDataset(Dataset):
         # seed it per epoch).
         seed = [*draw_key, idx, DRAW_TAG] if draw_key is not None else np.random.randint(2**32)
         rng = np.random.default_rng(seed)
-        chosen, factors, length, offsets, gains = self.draw_placed(rng)
-        recorded = self.pool.render(chosen, gains, offsets, length,
-                                    self.perturbed([self.pool.clips[i] for i in chosen], factors))
+        chosen, factors, audio, length, offsets, gains = self.draw_placed(rng)
+        recorded = self.pool.render(chosen, gains, offsets, length, audio)
         start = 0
         if recorded.shape[1] > self.segment:
             # The window is chosen on the recorded clips, so that it is the same for every target.
