@@ -22,12 +22,14 @@ from typing import Callable, Sequence
 import numpy as np
 import pandas as pd
 import torch
+from scipy import stats
 from tqdm import tqdm
 
 from local.bsd_dataset import BSDDataset
 from local.data_layouts import DataLayoutError, open_split, split_fingerprint
-from local.metrics import (ORACLE_MASKS, SDR_BACKENDS, level_over_background_db,
-                           oracle_estimates, score_estimates, stft_sizes)
+from local.metrics import (ORACLE_MASKS, SDR_BACKENDS, band_centroid_hz,
+                           level_over_background_db, oracle_estimates, score_estimates,
+                           stft_sizes)
 from model import load_best_model
 from utils.allocator import keep_freed_memory
 from utils.atomic import atomic_path, atomic_write_text
@@ -44,6 +46,14 @@ ORACLE_SUMMARY_METRICS = ("si_sdr", "si_sdr_imp", "sdr", "sdr_imp")
 ORACLE_TITLES = {"ibm": "IBM", "irm": "IRM", "wiener": "Wiener"}
 # Bins (dB) of a reference's level over its own background, for the breakdown.
 BACKGROUND_BINS = (-np.inf, 6.0, 10.0, 15.0, 20.0, np.inf)
+# Bins (Hz) of the distance between a reference's band centroid and the nearest other
+# reference's of its mixture: how far apart in frequency the birds are.
+BAND_DISTANCE_BINS = (0.0, 250.0, 500.0, 1000.0, 2000.0, np.inf)
+# The interval of the mean SI-SNRi / SDRi over the split's recordings (recording_interval):
+# bootstrap resamples, confidence level, and the seed that makes it reproducible.
+INTERVAL_RESAMPLES = 2000
+INTERVAL_CONFIDENCE = 0.95
+INTERVAL_SEED = 0
 
 Separator = Callable[[torch.Tensor], np.ndarray]
 
@@ -85,7 +95,7 @@ def _dataset_description(csv_path: Path) -> dict:
 def _utterance_row(row: pd.Series, n_src: int, sample_rate: int, scores: dict,
                    references: np.ndarray) -> dict:
     """One line of the per-utterance table: ids, each reference's level over its own
-    background, per-source and utterance-mean metrics."""
+    background and band centroid, per-source and utterance-mean metrics."""
     out = {"mixture_id": str(row["mixture_id"]), "length": int(row["length"]),
            "duration_s": int(row["length"]) / sample_rate}
     for k in range(1, n_src + 1):
@@ -95,6 +105,7 @@ def _utterance_row(row: pd.Series, n_src: int, sample_rate: int, scores: dict,
                 out[column] = row[column]
         out[f"source_{k}_level_over_background_db"] = level_over_background_db(
             references[k - 1], sample_rate)
+        out[f"source_{k}_centroid_hz"] = band_centroid_hz(references[k - 1], sample_rate)
     for metric in ("si_sdr", "sdr"):
         for k in range(n_src):
             out[f"source_{k + 1}_input_{metric}"] = float(scores["input"][metric][k])
@@ -198,20 +209,39 @@ def _score_split(dataset: BSDDataset, separate: Separator | None, settings: dict
     return pd.DataFrame(rows)
 
 
+def _band_distance_hz(df: pd.DataFrame, n_src: int) -> pd.DataFrame:
+    """Per mixture and source, the distance (Hz) from the source's band centroid to the
+    nearest other source's (NaN where the table has no centroids: older evaluations)."""
+    columns = [f"source_{k}_centroid_hz" for k in range(1, n_src + 1)]
+    if not set(columns) <= set(df.columns):
+        return pd.DataFrame(np.nan, index=df.index, columns=range(n_src))
+    centroids = df[columns].to_numpy(dtype=float)
+    gaps = np.abs(centroids[:, :, None] - centroids[:, None, :])
+    gaps[:, np.arange(n_src), np.arange(n_src)] = np.inf
+    return pd.DataFrame(gaps.min(axis=2), index=df.index)
+
+
 def breakdown(df: pd.DataFrame, n_src: int, clean_level_db: float) -> dict:
     """Where the model's SI-SNRi comes from: per source, by the reference's level over its own
-    background and by species; and the clean yardstick, the mixtures whose every reference
+    background, by how far its band lies from the other birds' (band centroids), and by
+    species; and the clean yardstick, the mixtures whose every reference
     stands at least `clean_level_db` above its background (scored against those references,
     as everywhere), next to the oracle masks on the same mixtures."""
+    band_distance = _band_distance_hz(df, n_src)
     per_source = pd.concat([pd.DataFrame({
         "species": df.get(f"source_{k}_species", pd.Series(["?"] * len(df))),
         "level_db": df[f"source_{k}_level_over_background_db"],
+        "band_distance_hz": band_distance[k - 1],
         "si_sdr_imp": df[f"source_{k}_si_sdr"] - df[f"source_{k}_input_si_sdr"]})
         for k in range(1, n_src + 1)], ignore_index=True)
     bins = pd.cut(per_source["level_db"], BACKGROUND_BINS, right=False)
     by_level = {str(interval): {"n_sources": int(len(group)),
                                 "si_sdr_imp": float(group["si_sdr_imp"].mean())}
                 for interval, group in per_source.groupby(bins, observed=True)}
+    distance_bins = pd.cut(per_source["band_distance_hz"], BAND_DISTANCE_BINS, right=False)
+    by_distance = {str(interval): {"n_sources": int(len(group)),
+                                   "si_sdr_imp": float(group["si_sdr_imp"].mean())}
+                   for interval, group in per_source.groupby(distance_bins, observed=True)}
     by_species = {str(name): {"n_sources": int(len(group)),
                               "si_sdr_imp": float(group["si_sdr_imp"].mean())}
                   for name, group in per_source.groupby("species")}
@@ -226,8 +256,49 @@ def breakdown(df: pd.DataFrame, n_src: int, clean_level_db: float) -> dict:
     return {"correlation_level_si_sdr_imp": float(per_source["level_db"].corr(
                 per_source["si_sdr_imp"])),
             "median_level_over_background_db": float(per_source["level_db"].median()),
-            "by_level_over_background_db": by_level, "by_species": by_species,
+            "by_level_over_background_db": by_level, "by_band_distance_hz": by_distance,
+            "by_species": by_species,
             "clean": clean_summary}
+
+
+def recording_interval(df: pd.DataFrame, n_src: int, n_resamples: int = INTERVAL_RESAMPLES,
+                       confidence: float = INTERVAL_CONFIDENCE, seed: int = INTERVAL_SEED
+                       ) -> dict | None:
+    """How far the split's mean SI-SNRi and SDRi could move with another draw of its
+    recordings: a percentile bootstrap (scipy.stats.bootstrap) that resamples recordings, not
+    mixtures. A split's mixtures reuse a few recordings (BSD-2mix tt: 496 mixtures from 24),
+    and scores cluster by recording, so resampling mixtures would claim a precision the split
+    does not have. Each source counts for its own recording; the mean over the resampled
+    recordings' sources is the split's mean (every mixture has n_src sources).
+
+    Returns {n_recordings, confidence, n_resamples, si_sdr_imp: [low, high], sdr_imp: [low,
+    high]}, or None when the table has no recording ids or fewer than two recordings."""
+    columns = [f"source_{k}_recording_id" for k in range(1, n_src + 1)]
+    if not set(columns) <= set(df.columns):
+        return None
+    per_source = pd.concat([pd.DataFrame({
+        "recording": df[f"source_{k}_recording_id"].astype(str),
+        "si_sdr_imp": df[f"source_{k}_si_sdr"] - df[f"source_{k}_input_si_sdr"],
+        "sdr_imp": df[f"source_{k}_sdr"] - df[f"source_{k}_input_sdr"]})
+        for k in range(1, n_src + 1)], ignore_index=True)
+    per_recording = per_source.groupby("recording").agg(
+        n=("si_sdr_imp", "size"), si_sdr_imp=("si_sdr_imp", "sum"), sdr_imp=("sdr_imp", "sum"))
+    if len(per_recording) < 2:
+        return None
+
+    def pooled_mean(sums: np.ndarray, counts: np.ndarray, axis: int = -1) -> np.ndarray:
+        return np.sum(sums, axis=axis) / np.sum(counts, axis=axis)
+
+    result: dict = {"n_recordings": int(len(per_recording)), "confidence": confidence,
+                    "n_resamples": n_resamples}
+    for metric in ("si_sdr_imp", "sdr_imp"):
+        ci = stats.bootstrap((per_recording[metric].to_numpy(), per_recording["n"].to_numpy()),
+                             pooled_mean, paired=True, vectorized=True,
+                             n_resamples=n_resamples, confidence_level=confidence,
+                             method="percentile", random_state=np.random.default_rng(seed)
+                             ).confidence_interval
+        result[metric] = [float(ci.low), float(ci.high)]
+    return result
 
 
 def _sha256(path: Path) -> str:
@@ -290,6 +361,7 @@ def evaluate(conf: Conf, data_dir: str | Path, exp_dir: str | Path) -> dict:
 
     metrics = _summary(df, with_model=True, with_oracles=settings["oracles"])
     metrics["breakdown"] = breakdown(df, n_src, settings["clean_level_db"])
+    metrics["interval"] = recording_interval(df, n_src)
     metrics.update({"checkpoint": str(exp_dir / "best_model.pth"), "split": settings["eval_on"],
                     "n_src": n_src, "sample_rate": sample_rate,
                     "sdr_backend": settings["sdr_backend"], "device": str(device),
@@ -298,6 +370,11 @@ def evaluate(conf: Conf, data_dir: str | Path, exp_dir: str | Path) -> dict:
 
     line = (f"eval: {metrics['n_utterances']} mixtures of {csv_path}: SI-SNRi "
             f"{metrics['si_sdr_imp']:.2f} dB, SDRi {metrics['sdr_imp']:.2f} dB")
+    if metrics["interval"]:
+        interval = metrics["interval"]
+        line += (f" ({interval['confidence']:.0%} interval over its {interval['n_recordings']} "
+                 f"recordings: SI-SNRi {interval['si_sdr_imp'][0]:.2f} to "
+                 f"{interval['si_sdr_imp'][1]:.2f} dB)")
     if metrics["oracle"]:
         line += " (oracle SI-SNRi " + ", ".join(
             f"{ORACLE_TITLES[name]} {metrics['oracle'][name]['si_sdr_imp']:.2f}" for name in ORACLE_MASKS) + ")"

@@ -325,3 +325,25 @@ def level_over_background_db(reference: np.ndarray, sample_rate: int, frame_ms: 
     n_quiet = max(1, int(round(quiet_fraction * n_frames)))
     background = energies[:n_quiet].mean() * n_frames
     return float(10 * np.log10(energies.sum() / max(background, 1e-20)))
+
+
+def band_centroid_hz(reference: np.ndarray, sample_rate: int, frame_ms: float = 32.0,
+                     loud_fraction: float = 0.2) -> float:
+    """Where a reference's sound lies in frequency (Hz): the centroid of the mean power
+    spectrum of its loudest `loud_fraction` of frames (32 ms, Hann). Two sources with close
+    centroids share a band, and only their time-frequency structure tells them apart; a
+    reference dominated by low-frequency rumble has a centroid far below any bird."""
+    x = np.asarray(reference, dtype=np.float64)
+    frame = max(2, int(round(frame_ms * sample_rate / 1000)))
+    n_frames = x.shape[0] // frame
+    if n_frames < 1:
+        return float("nan")
+    frames = x[:n_frames * frame].reshape(n_frames, frame)
+    power = np.abs(np.fft.rfft(frames * np.hanning(frame), axis=1)) ** 2
+    energy = power.sum(axis=1)
+    n_loud = max(1, int(round(loud_fraction * n_frames)))
+    spectrum = power[np.argsort(energy)[-n_loud:]].mean(axis=0)
+    if spectrum.sum() <= 0:
+        return float("nan")
+    freqs = np.fft.rfftfreq(frame, 1 / sample_rate)
+    return float((freqs * spectrum).sum() / spectrum.sum())

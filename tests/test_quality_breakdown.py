@@ -8,8 +8,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from eval import breakdown
-from local.metrics import level_over_background_db
+from eval import breakdown, recording_interval
+from local.metrics import band_centroid_hz, level_over_background_db
 from tools.quality_table import quality_table
 
 SAMPLE_RATE = 8000
@@ -69,4 +69,76 @@ def test_quality_table_rows_come_from_the_experiment(tmp_path):
     table = quality_table([exp], png=tmp_path / "curves.png")
     assert table.splitlines()[-1] == ("| exp1 | 20 | 2.5 | 4.25 | 6.50 / 7.25 | "
                                       "11.00 / 12.00 (1) | 19.90 / 20.00 |")
+    # With eval.py's per-utterance table, the interval over its recordings joins the row.
+    recordings_table([2.0, 4.0, 6.0, 8.0]).to_csv(exp / "eval" / "per_utterance.csv", index=False)
+    low, high = recording_interval(pd.read_csv(exp / "eval" / "per_utterance.csv"), 2)["si_sdr_imp"]
+    assert f"| 6.50 [{low:.2f}, {high:.2f}] / 7.25 |" in quality_table([exp])
     assert (tmp_path / "curves.png").stat().st_size > 0
+
+
+def test_band_centroid_follows_the_loud_frames():
+    rng = np.random.default_rng(1)
+    n = 2 * SAMPLE_RATE
+    t = np.arange(n) / SAMPLE_RATE
+    hiss = 0.001 * rng.standard_normal(n)
+    call = np.where(t < 0.5, 0.2 * np.sin(2 * np.pi * 3000 * t), 0.0)
+    assert band_centroid_hz(call + hiss, SAMPLE_RATE) == pytest.approx(3000, abs=60)
+    rumble = 0.5 * np.sin(2 * np.pi * 40 * t)
+    assert band_centroid_hz(call + rumble, SAMPLE_RATE) < 1000
+    assert np.isnan(band_centroid_hz(np.zeros(n), SAMPLE_RATE))
+    assert np.isnan(band_centroid_hz(np.zeros(10), SAMPLE_RATE))
+
+
+def test_breakdown_by_band_distance():
+    df = per_utterance(levels=[(5, 25), (18, 30), (8, 9)], imps=[(2, 4), (10, 12), (0, 6)],
+                       species=[("a", "b"), ("a", "c"), ("b", "c")])
+    df["source_1_centroid_hz"] = [2000.0, 500.0, 3000.0]
+    df["source_2_centroid_hz"] = [2100.0, 3000.0, 2600.0]
+    by_distance = breakdown(df, 2, 15)["by_band_distance_hz"]
+    assert by_distance["[0.0, 250.0)"] == {"n_sources": 2, "si_sdr_imp": 3.0}
+    assert by_distance["[250.0, 500.0)"] == {"n_sources": 2, "si_sdr_imp": 3.0}
+    assert by_distance["[2000.0, inf)"] == {"n_sources": 2, "si_sdr_imp": 11.0}
+    # Tables of older evaluations have no centroids: no bins, the rest of the breakdown stands.
+    old = breakdown(df.drop(columns=["source_1_centroid_hz", "source_2_centroid_hz"]), 2, 15)
+    assert old["by_band_distance_hz"] == {} and old["by_species"]["a"]["n_sources"] == 2
+
+
+def recordings_table(recording_means, n_mixtures=6, spread=1.0, seed=0):
+    """Mixtures whose two sources come from recordings with the given mean SI-SNRi."""
+    rng = np.random.default_rng(seed)
+    n_rec = len(recording_means)
+    rows = []
+    for i in range(n_mixtures * n_rec):
+        r1, r2 = i % n_rec, (i + 1 + i // n_rec) % n_rec
+        v1, v2 = (recording_means[r] + spread * rng.standard_normal() for r in (r1, r2))
+        rows.append({"source_1_recording_id": str(100 + r1), "source_2_recording_id": str(100 + r2),
+                     "source_1_si_sdr": v1, "source_2_si_sdr": v2,
+                     "source_1_input_si_sdr": 0.0, "source_2_input_si_sdr": 0.0,
+                     "source_1_sdr": v1 + 1, "source_2_sdr": v2 + 1,
+                     "source_1_input_sdr": 0.0, "source_2_input_sdr": 0.0,
+                     "si_sdr_imp": (v1 + v2) / 2, "sdr_imp": (v1 + v2) / 2 + 1})
+    return pd.DataFrame(rows)
+
+
+def test_recording_interval_resamples_recordings_not_mixtures():
+    df = recordings_table([0.0, 2.0, 4.0, 6.0, 8.0, 10.0, 12.0, 14.0])
+    out = recording_interval(df, n_src=2)
+    assert out["n_recordings"] == 8 and out["confidence"] == 0.95
+    low, high = out["si_sdr_imp"]
+    assert low < df["si_sdr_imp"].mean() < high
+    assert out["sdr_imp"] == pytest.approx([low + 1, high + 1])
+    # Recordings that differ by 2 dB steps leave the mean uncertain by several dB, however
+    # many mixtures reuse them; a mixture-level bootstrap (the standard error below) would not.
+    mixture_se = df["si_sdr_imp"].std() / np.sqrt(len(df))
+    assert high - low > 5 > 4 * mixture_se
+    # Recordings that all score alike leave a narrow interval; reruns give the same interval.
+    tight = recording_interval(recordings_table([5.0] * 8, spread=0.5), n_src=2)
+    assert tight["si_sdr_imp"][1] - tight["si_sdr_imp"][0] < 0.5
+    assert recording_interval(df, 2) == out
+
+
+def test_recording_interval_needs_recordings():
+    df = recordings_table([1.0, 3.0])
+    assert recording_interval(df.drop(columns=["source_1_recording_id"]), 2) is None
+    df["source_1_recording_id"] = df["source_2_recording_id"] = "7"
+    assert recording_interval(df, 2) is None

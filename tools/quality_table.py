@@ -4,8 +4,10 @@ figure of their learning curves.
     python -m tools.quality_table exp/e4_plateau exp/e4_cos [--png exp/curves.png]
 
 Each row: the training budget used (steps, training minutes from learning_curve.csv), the
-best validation SI-SNR, and eval.py's SI-SNRi / SDRi on the test split, on the clean
-yardstick, and the oracle IBM on the same mixtures (exp/<tag>/eval/final_metrics.json)."""
+best validation SI-SNR, and eval.py's SI-SNRi / SDRi on the test split (with the 95 %
+interval of the SI-SNRi over the split's recordings, eval.recording_interval, from
+per_utterance.csv), on the clean yardstick, and the oracle IBM on the same mixtures
+(exp/<tag>/eval/final_metrics.json)."""
 from __future__ import annotations
 
 import argparse
@@ -15,9 +17,10 @@ from typing import Sequence
 
 import pandas as pd
 
+from eval import recording_interval
 from utils.training_callbacks import save_curve_figure
 
-HEADER = ("| experiment | steps | train min | best val SI-SNR | test SI-SNRi / SDRi | "
+HEADER = ("| experiment | steps | train min | best val SI-SNR | test SI-SNRi [95 % interval] / SDRi | "
           "clean yardstick SI-SNRi / SDRi (n) | IBM SI-SNRi (test / clean) |\n"
           "|---|---|---|---|---|---|---|")
 
@@ -30,9 +33,14 @@ def quality_row(exp_dir: Path) -> str:
     clean_text = (f"{clean['si_sdr_imp']:.2f} / {clean['sdr_imp']:.2f} ({clean['n_mixtures']})"
                   if clean["n_mixtures"] else "n/a (0)")
     clean_ibm = clean.get("oracle", {}).get("ibm", {}).get("si_sdr_imp", float("nan"))
+    per_utterance = exp_dir / "eval" / "per_utterance.csv"
+    interval = (recording_interval(pd.read_csv(per_utterance), int(metrics.get("n_src", 2)))
+                if per_utterance.is_file() else None)
+    interval_text = (f" [{interval['si_sdr_imp'][0]:.2f}, {interval['si_sdr_imp'][1]:.2f}]"
+                     if interval else "")
     return (f"| {exp_dir.name} | {int(curve['step'].iloc[-1])} | "
             f"{curve['train_minutes'].iloc[-1]:.1f} | {curve['val_si_snr_db'].max():.2f} | "
-            f"{metrics['si_sdr_imp']:.2f} / {metrics['sdr_imp']:.2f} | {clean_text} | "
+            f"{metrics['si_sdr_imp']:.2f}{interval_text} / {metrics['sdr_imp']:.2f} | {clean_text} | "
             f"{metrics['oracle']['ibm']['si_sdr_imp']:.2f} / {clean_ibm:.2f} |")
 
 
