@@ -66,7 +66,7 @@ class Activity:
 ACTIVITY_KEYS = ("sample_rate", "clip_min_s", "clip_max_s", "band_low_hz", "band_high_hz",
                  "frame_ms", "noise_floor_percentile", "noise_floor_window_s",
                  "activity_threshold_db", "merge_gap_s", "context_s", "min_active_fraction",
-                 "min_clip_snr_db", "fallback_bands_hz")
+                 "min_clip_snr_db", "fallback_bands_hz", "highpass_hz")
 
 
 def check_conf_clips(conf_clips: dict[str, Any]) -> None:
@@ -88,6 +88,12 @@ def check_conf_clips(conf_clips: dict[str, Any]) -> None:
         raise ValueError("frame_ms and noise_floor_window_s must be positive")
     if not 0 <= conf_clips["noise_floor_percentile"] <= 100:
         raise ValueError("noise_floor_percentile must be within [0, 100]")
+    highpass = conf_clips["highpass_hz"]
+    if (not isinstance(highpass, (int, float)) or isinstance(highpass, bool)
+            or not 0 <= highpass < NYQUIST_MARGIN * sample_rate / 2):
+        raise ValueError(f"highpass_hz must be 0 (off) or within (0, "
+                         f"{NYQUIST_MARGIN * sample_rate / 2:.0f}) Hz at sample_rate "
+                         f"{sample_rate}, got {highpass!r}")
     check_conf_denoise(conf_clips)
     bands = conf_clips["fallback_bands_hz"]
     if not isinstance(bands, list) or not all(

@@ -17,8 +17,8 @@ from scipy.signal import butter, sosfilt
 from local.activity import MIN_NOISE_PROFILE_S, background_samples, band_energy_db, \
     check_conf_clips, denoise, detect_vocalisations, fallback_bands, find_vocalisations, \
     find_vocalisations_in_band
-from local.clips import CLIP_COLUMNS, NO_VOCALISATION, REJECT_COLUMNS, assign_splits, main, \
-    prepare_clips
+from local.clips import CLIP_COLUMNS, NO_VOCALISATION, REJECT_COLUMNS, assign_splits, \
+    cut_recording, main, prepare_clips, remove_rumble
 from utils.audio import load_audio
 from utils.config import read_conf
 
@@ -168,6 +168,56 @@ def test_fallback_bands_are_capped_and_checked(conf):
     for bad in ([[3000, 2000]], [[1000]], "1000-2000", [[-5, 100]]):
         with pytest.raises(ValueError, match="fallback_bands_hz"):
             check_conf_clips({**c, "fallback_bands_hz": bad})
+
+
+def low_share(x: np.ndarray, sample_rate: int, below_hz: float = 100.0) -> float:
+    spectrum = np.abs(np.fft.rfft(x)) ** 2
+    return float(spectrum[np.fft.rfftfreq(len(x), 1 / sample_rate) < below_hz].sum()
+                 / spectrum.sum())
+
+
+def test_remove_rumble_keeps_the_bird_in_place(conf):
+    sr = 8000
+    t = np.arange(4 * sr) / sr
+    bird = 0.1 * np.sin(2 * np.pi * 2000 * t) * (np.sin(2 * np.pi * 3 * t) > 0)
+    rumble = 0.5 * np.sin(2 * np.pi * 35 * t)
+    x = (bird + rumble).astype(np.float32)
+    y = remove_rumble(x, sr, 100)
+    assert y.dtype == x.dtype and y.shape == x.shape
+    assert low_share(x, sr) > 0.9 and low_share(y, sr) < 1e-3
+    inner = slice(sr, 3 * sr)      # away from the filter's edges
+    # Zero phase: the bird is neither delayed nor attenuated (2 kHz is far above 100 Hz).
+    assert np.max(np.abs(y[inner] - bird[inner])) < 2e-3
+    assert remove_rumble(x, sr, 0) is x
+    for bad in (-1, 3900, "100", True):
+        with pytest.raises(ValueError, match="highpass_hz"):
+            check_conf_clips({**conf["clips"], "highpass_hz": bad})
+
+
+@pytest.mark.parametrize("highpass_hz", [0, 100])
+def test_clips_are_cut_from_the_high_passed_recording(conf, tmp_path, highpass_hz):
+    """A recording whose bursts sit on loud 40 Hz rumble: the same clips are found (the
+    activity band lies far above), and with highpass_hz the clips lose the rumble."""
+    sr = 8000
+    x = burst_signal(sr, 30.0, BURSTS)
+    x = x + 0.3 * np.sin(2 * np.pi * 40 * np.arange(len(x)) / sr).astype(np.float32)
+    (tmp_path / "raw").mkdir()
+    sf.write(tmp_path / "raw" / "XC1.wav", x, sr, subtype="FLOAT")
+    recording = {"id": "1", "genus": "Aus", "species": "bus", "english_name": "A",
+                 "path": "XC1.wav"}
+    conf_clips = {**conf["clips"], "sample_rate": sr, "highpass_hz": highpass_hz}
+    rows = cut_recording(recording, tmp_path / "raw", tmp_path / "wav", conf_clips,
+                         tmp_path / "clean")
+    assert [r["clip_id"] for r in rows] == [r["clip_id"] for r in cut_recording(
+        recording, tmp_path / "raw", tmp_path / "wav0", {**conf_clips, "highpass_hz": 0})]
+    assert rows
+    for row in rows:
+        clip, _ = sf.read(tmp_path / row["path"])
+        clean, _ = sf.read(tmp_path / row["clean_path"])
+        if highpass_hz:
+            assert low_share(clip, sr) < 0.01 and low_share(clean, sr) < 0.01
+        else:
+            assert low_share(clip, sr) > 0.5
 
 
 def test_denoising_lowers_the_background_of_a_tone_in_noise(conf):
