@@ -221,30 +221,41 @@ def _band_distance_hz(df: pd.DataFrame, n_src: int) -> pd.DataFrame:
     return pd.DataFrame(gaps.min(axis=2), index=df.index)
 
 
+def _per_source(df: pd.DataFrame, n_src: int) -> pd.DataFrame:
+    """The per-utterance table with one row per source: its species, recording, level over
+    background, band distance to the other birds, SI-SNRi and SDRi (columns an older table
+    lacks come out as "?" or NaN)."""
+    band_distance = _band_distance_hz(df, n_src)
+    unknown = pd.Series(["?"] * len(df), index=df.index)
+    nan = pd.Series(np.nan, index=df.index)
+    return pd.concat([pd.DataFrame({
+        "species": df.get(f"source_{k}_species", unknown),
+        "recording": df.get(f"source_{k}_recording_id", unknown).astype(str),
+        "level_db": df.get(f"source_{k}_level_over_background_db", nan),
+        "band_distance_hz": band_distance[k - 1],
+        "si_sdr_imp": df[f"source_{k}_si_sdr"] - df[f"source_{k}_input_si_sdr"],
+        "sdr_imp": df.get(f"source_{k}_sdr", nan) - df.get(f"source_{k}_input_sdr", nan)})
+        for k in range(1, n_src + 1)], ignore_index=True)
+
+
+def _mean_by(per_source: pd.DataFrame, groups: pd.Series) -> dict:
+    """{group: {n_sources, si_sdr_imp}} of the sources' SI-SNRi by `groups`."""
+    return {str(name): {"n_sources": int(len(group)),
+                        "si_sdr_imp": float(group["si_sdr_imp"].mean())}
+            for name, group in per_source.groupby(groups, observed=True)}
+
+
 def breakdown(df: pd.DataFrame, n_src: int, clean_level_db: float) -> dict:
     """Where the model's SI-SNRi comes from: per source, by the reference's level over its own
     background, by how far its band lies from the other birds' (band centroids), and by
     species; and the clean yardstick, the mixtures whose every reference
     stands at least `clean_level_db` above its background (scored against those references,
     as everywhere), next to the oracle masks on the same mixtures."""
-    band_distance = _band_distance_hz(df, n_src)
-    per_source = pd.concat([pd.DataFrame({
-        "species": df.get(f"source_{k}_species", pd.Series(["?"] * len(df))),
-        "level_db": df[f"source_{k}_level_over_background_db"],
-        "band_distance_hz": band_distance[k - 1],
-        "si_sdr_imp": df[f"source_{k}_si_sdr"] - df[f"source_{k}_input_si_sdr"]})
-        for k in range(1, n_src + 1)], ignore_index=True)
-    bins = pd.cut(per_source["level_db"], BACKGROUND_BINS, right=False)
-    by_level = {str(interval): {"n_sources": int(len(group)),
-                                "si_sdr_imp": float(group["si_sdr_imp"].mean())}
-                for interval, group in per_source.groupby(bins, observed=True)}
-    distance_bins = pd.cut(per_source["band_distance_hz"], BAND_DISTANCE_BINS, right=False)
-    by_distance = {str(interval): {"n_sources": int(len(group)),
-                                   "si_sdr_imp": float(group["si_sdr_imp"].mean())}
-                   for interval, group in per_source.groupby(distance_bins, observed=True)}
-    by_species = {str(name): {"n_sources": int(len(group)),
-                              "si_sdr_imp": float(group["si_sdr_imp"].mean())}
-                  for name, group in per_source.groupby("species")}
+    per_source = _per_source(df, n_src)
+    by_level = _mean_by(per_source, pd.cut(per_source["level_db"], BACKGROUND_BINS, right=False))
+    by_distance = _mean_by(per_source, pd.cut(per_source["band_distance_hz"],
+                                              BAND_DISTANCE_BINS, right=False))
+    by_species = _mean_by(per_source, per_source["species"])
     levels = df[[f"source_{k}_level_over_background_db" for k in range(1, n_src + 1)]]
     clean = df[levels.min(axis=1) >= clean_level_db]
     clean_summary: dict = {"clean_level_db": clean_level_db, "n_mixtures": int(len(clean))}
@@ -273,15 +284,9 @@ def recording_interval(df: pd.DataFrame, n_src: int, n_resamples: int = INTERVAL
 
     Returns {n_recordings, confidence, n_resamples, si_sdr_imp: [low, high], sdr_imp: [low,
     high]}, or None when the table has no recording ids or fewer than two recordings."""
-    columns = [f"source_{k}_recording_id" for k in range(1, n_src + 1)]
-    if not set(columns) <= set(df.columns):
+    if not {f"source_{k}_recording_id" for k in range(1, n_src + 1)} <= set(df.columns):
         return None
-    per_source = pd.concat([pd.DataFrame({
-        "recording": df[f"source_{k}_recording_id"].astype(str),
-        "si_sdr_imp": df[f"source_{k}_si_sdr"] - df[f"source_{k}_input_si_sdr"],
-        "sdr_imp": df[f"source_{k}_sdr"] - df[f"source_{k}_input_sdr"]})
-        for k in range(1, n_src + 1)], ignore_index=True)
-    per_recording = per_source.groupby("recording").agg(
+    per_recording = _per_source(df, n_src).groupby("recording").agg(
         n=("si_sdr_imp", "size"), si_sdr_imp=("si_sdr_imp", "sum"), sdr_imp=("sdr_imp", "sum"))
     if len(per_recording) < 2:
         return None

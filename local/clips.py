@@ -83,8 +83,9 @@ def remove_rumble(x: np.ndarray, sample_rate: int, cutoff_hz: float) -> np.ndarr
 def cut_recording(recording: dict[str, str], raw_dir: Path, wav_dir: Path,
                   conf_clips: dict[str, Any], clean_dir: Path | None = None
                   ) -> list[dict[str, Any]]:
-    """Decode one recording (high-passed at clips.highpass_hz), write its vocalisation clips (and with `clean_dir`, the same
-    clips of the denoised recording), and return their clips.csv rows (without split). Raises
+    """Decode one recording (high-passed at clips.highpass_hz), write its vocalisation clips
+    (and with `clean_dir`, the same clips of the denoised recording), and return their
+    clips.csv rows (without split). Raises
     AudioError when the audio is unusable; other errors (a full disk, say) are the stage's,
     not the file's, and propagate."""
     sample_rate = int(conf_clips["sample_rate"])

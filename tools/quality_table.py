@@ -5,8 +5,8 @@ figure of their learning curves.
 
 Each row: the training budget used (steps, training minutes from learning_curve.csv), the
 best validation SI-SNR, and eval.py's SI-SNRi / SDRi on the test split (with the 95 %
-interval of the SI-SNRi over the split's recordings, eval.recording_interval, from
-per_utterance.csv), on the clean yardstick, and the oracle IBM on the same mixtures
+interval of the SI-SNRi over the split's recordings, eval.recording_interval; for older
+evaluations, from their per_utterance.csv), on the clean yardstick, and the oracle IBM on the same mixtures
 (exp/<tag>/eval/final_metrics.json)."""
 from __future__ import annotations
 
@@ -34,8 +34,10 @@ def quality_row(exp_dir: Path) -> str:
                   if clean["n_mixtures"] else "n/a (0)")
     clean_ibm = clean.get("oracle", {}).get("ibm", {}).get("si_sdr_imp", float("nan"))
     per_utterance = exp_dir / "eval" / "per_utterance.csv"
-    interval = (recording_interval(pd.read_csv(per_utterance), int(metrics.get("n_src", 2)))
-                if per_utterance.is_file() else None)
+    # eval.py writes the interval; evaluations made before it get it from their table.
+    interval = metrics.get("interval")
+    if interval is None and per_utterance.is_file():
+        interval = recording_interval(pd.read_csv(per_utterance), int(metrics.get("n_src", 2)))
     interval_text = (f" [{interval['si_sdr_imp'][0]:.2f}, {interval['si_sdr_imp'][1]:.2f}]"
                      if interval else "")
     return (f"| {exp_dir.name} | {int(curve['step'].iloc[-1])} | "
