@@ -85,9 +85,8 @@ def cut_recording(recording: dict[str, str], raw_dir: Path, wav_dir: Path,
                   ) -> list[dict[str, Any]]:
     """Decode one recording (high-passed at clips.highpass_hz), write its vocalisation clips
     (and with `clean_dir`, the same clips of the denoised recording), and return their
-    clips.csv rows (without split). Raises
-    AudioError when the audio is unusable; other errors (a full disk, say) are the stage's,
-    not the file's, and propagate."""
+    clips.csv rows (without split). Raises AudioError when the audio is unusable; other
+    errors (a full disk, say) are the stage's, not the file's, and propagate."""
     sample_rate = int(conf_clips["sample_rate"])
     x = remove_rumble(decode_recording(raw_dir / recording["path"], conf_clips), sample_rate,
                       conf_clips["highpass_hz"])

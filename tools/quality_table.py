@@ -6,8 +6,8 @@ figure of their learning curves.
 Each row: the training budget used (steps, training minutes from learning_curve.csv), the
 best validation SI-SNR, and eval.py's SI-SNRi / SDRi on the test split (with the 95 %
 interval of the SI-SNRi over the split's recordings, eval.recording_interval; for older
-evaluations, from their per_utterance.csv), on the clean yardstick, and the oracle IBM on the same mixtures
-(exp/<tag>/eval/final_metrics.json)."""
+evaluations, from their per_utterance.csv), on the clean yardstick, and the oracle IBM on
+the same mixtures (exp/<tag>/eval/final_metrics.json)."""
 from __future__ import annotations
 
 import argparse
