@@ -10,7 +10,7 @@ import pytest
 
 from eval import breakdown, recording_interval
 from local.metrics import band_centroid_hz, level_over_background_db
-from tools.quality_table import quality_table
+from tools.quality_table import paired_difference, quality_table
 
 SAMPLE_RATE = 8000
 
@@ -142,3 +142,43 @@ def test_recording_interval_needs_recordings():
     assert recording_interval(df.drop(columns=["source_1_recording_id"]), 2) is None
     df["source_1_recording_id"] = df["source_2_recording_id"] = "7"
     assert recording_interval(df, 2) is None
+
+
+def test_paired_difference_cancels_what_the_recordings_share(tmp_path):
+    # Recordings 2 dB apart: each model's own interval spans several dB, but the second model
+    # is 0.5 dB better on every mixture, which the paired interval resolves.
+    means = [0.0, 2.0, 4.0, 6.0, 8.0, 10.0]
+    reference = recordings_table(means, seed=0)
+    reference["mixture_id"] = [f"tt_{i:06d}" for i in range(len(reference))]
+    noise = np.random.default_rng(5).normal(0, 0.1, (len(reference), 2))
+    other = reference.copy()
+    for k in (1, 2):
+        for metric in ("si_sdr", "sdr"):
+            other[f"source_{k}_{metric}"] += 0.5 + noise[:, k - 1]
+    other = other.iloc[::-1]                        # row order does not matter
+    diff = paired_difference(reference, other, 2)
+    assert diff["si_sdr_imp"] == pytest.approx(0.5 + noise.mean())
+    assert diff["sdr_imp"] == pytest.approx(diff["si_sdr_imp"])
+    low, high = diff["interval"]["si_sdr_imp"]
+    assert 0.3 < low < diff["si_sdr_imp"] < high < 0.7
+    own_low, own_high = recording_interval(reference, 2)["si_sdr_imp"]
+    assert own_high - own_low > 10 * (high - low)
+    with pytest.raises(ValueError, match="same mixtures"):
+        paired_difference(reference, other.iloc[1:], 2)
+    # In the table, the column gives the difference and its interval.
+    exps = []
+    for name, table in (("ref", reference), ("new", other)):
+        exp = tmp_path / name
+        (exp / "eval").mkdir(parents=True)
+        table.to_csv(exp / "eval" / "per_utterance.csv", index=False)
+        pd.DataFrame({"epoch": [0], "step": [10], "train_minutes": [1.0], "val_si_snr_db": [3.0],
+                      "lr": [0.0]}).to_csv(exp / "learning_curve.csv", index=False)
+        metrics = {"si_sdr_imp": float(table["si_sdr_imp"].mean()), "sdr_imp": 1.0,
+                   "oracle": {"ibm": {"si_sdr_imp": 19.9}},
+                   "breakdown": {"clean": {"n_mixtures": 0}}}
+        (exp / "eval" / "final_metrics.json").write_text(json.dumps(metrics))
+        exps.append(exp)
+    lines = quality_table(exps, against=exps[0]).splitlines()
+    assert lines[0].endswith("| SI-SNRi against ref [paired 95 % interval] |")
+    assert lines[1].count("---") == 8
+    assert lines[-1].endswith(f"| {diff['si_sdr_imp']:+.2f} [{low:+.2f}, {high:+.2f}] |")
