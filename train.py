@@ -43,7 +43,7 @@ from local.bsd_dataset import ResumableLoader
 from local.data_layouts import DataLayoutError, open_split
 from local.dynamic_mixing import DynamicMixDataset, FixedDraws
 from local.targets import check_targets, make_loss
-from local.mixtures import MixtureError
+from local.mixtures import BALANCE, MixtureError
 from model import make_model_and_optimizer
 from system import BirdSystem, compile_for_training, resolve_precision, trains_on_cuda
 from utils.allocator import keep_freed_memory
@@ -217,6 +217,12 @@ def make_train_loader(conf: Conf, data_dir: str | Path, resumable: bool = True) 
     if conf["training"]["speed_perturb"] and not conf["training"]["dynamic_mixing"]:
         raise ConfError("--speed_perturb needs --dynamic_mixing true: the stored tr mixtures "
                         "are fixed; dynamic mixing draws (and resamples) the clips anew")
+    if conf["training"]["dm_balance"] not in BALANCE:
+        raise ConfError(f"--dm_balance {conf['training']['dm_balance']!r}: expected one of "
+                        f"{', '.join(BALANCE)}")
+    if conf["training"]["dm_balance"] != "clip" and not conf["training"]["dynamic_mixing"]:
+        raise ConfError("--dm_balance needs --dynamic_mixing true: the stored tr mixtures are "
+                        "fixed; dynamic mixing draws the clips anew")
     if conf["training"]["dynamic_mixing"]:
         # As many mixtures a pass as BSD-{n}mix/tr holds, so epochs (validation, checkpoints,
         # the schedule) come at the same pace; drawn anew from the tr clips each epoch.
@@ -225,7 +231,8 @@ def make_train_loader(conf: Conf, data_dir: str | Path, resumable: bool = True) 
                                       n_items=len(train_set), return_id=True,
                                       min_source_share=t["min_source_share"],
                                       targets=check_targets(conf),
-                                      speed_perturb=t["speed_perturb"])
+                                      speed_perturb=t["speed_perturb"],
+                                      balance=t["dm_balance"])
     batch_size = conf["training"]["batch_size"]
     if len(train_set) < batch_size:
         raise ValueError(f"{train_set.csv_path}: {len(train_set)} mixtures, fewer than one batch "

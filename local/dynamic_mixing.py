@@ -14,6 +14,10 @@ perturb speed), each chosen clip is first resampled by one of them, drawn per cl
 plays it s times faster and s times higher, as a bird of the same kind singing higher or
 faster; a new voice for the model at no cost in data.
 
+With `balance` (conf `training.dm_balance`) "recording" or "species", the clips are drawn so
+that every recording, or species, comes up as often (ClipPool), where stage 2's uniform draw
+over clips gives the recordings that yielded many clips most of the mixtures.
+
 The references are the recorded clips, or with `targets` (conf `training.targets`,
 local/targets.py) the denoised clips at the same gains and offsets, or these plus the sum of
 the backgrounds as one more source. The mixture is the sum of the recorded clips in every case,
@@ -77,7 +81,7 @@ class DynamicMixDataset(Dataset):
     def __init__(self, data_dir: str | Path, n_src: int, conf: Conf, segment_s: float,
                  n_items: int, min_source_share: float = 0.0, return_id: bool = False,
                  split: str = "tr", targets: str = "recorded",
-                 speed_perturb: Sequence[float] = ()):
+                 speed_perturb: Sequence[float] = (), balance: str = "clip"):
         if targets not in TARGETS:
             raise ValueError(f"targets {targets!r}: expected one of {', '.join(TARGETS)}")
         self.csv_path = clips_csv_path(data_dir)
@@ -88,7 +92,7 @@ class DynamicMixDataset(Dataset):
         clips_df, audio = load_clips(self.csv_path, self.sample_rate, splits=[split])
         if not audio:
             raise MixtureError(f"{self.csv_path}: no usable '{split}' clip to mix")
-        self.pool = ClipPool(clips_df, split, audio, n_src, conf)
+        self.pool = ClipPool(clips_df, split, audio, n_src, conf, balance=balance)
         self.targets = targets
         self.clean = [] if targets == "recorded" else self.load_clean(clips_df)
         self.n_src, self.n_items = n_src, n_items

@@ -149,17 +149,29 @@ def _check_mixture_conf(conf: Conf) -> dict[str, Any]:
     return m
 
 
+# How a mixture's clips are drawn from the pool (ClipPool): uniformly, or balanced so that
+# every recording, or every species, comes up as often.
+BALANCE = ("clip", "recording", "species")
+
+
 class ClipPool:
     """One split's clips, and the draw of a mixture from them (stage 2 and dynamic mixing
     draw the same way): clips uniformly, each from a species and recording not yet in the
     mixture; source 1 at `ref_level_db` dBFS RMS, source k at `ref_level_db + snr_k` with
-    snr_k uniform in [snr_low_db, snr_high_db]; then peak protection."""
+    snr_k uniform in [snr_low_db, snr_high_db]; then peak protection.
+
+    `balance` (dynamic mixing's `training.dm_balance`) changes the first part: "recording" or
+    "species" draws each clip with a weight of one over its recording's (species') number of
+    clips in the pool, so that every recording (species) is drawn as often, however many
+    clips it gave. "clip" (stage 2's draw) keeps the uniform draw, and its exact draws."""
 
     def __init__(self, clips_df: pd.DataFrame, split: str, clip_audio: Mapping[str, np.ndarray],
-                 n_src: int, conf: Conf):
+                 n_src: int, conf: Conf, balance: str = "clip"):
         self.m = _check_mixture_conf(conf)
         if n_src < 2:
             raise MixtureError(f"a mixture needs at least 2 sources, got n_src={n_src}")
+        if balance not in BALANCE:
+            raise MixtureError(f"balance {balance!r}: expected one of {', '.join(BALANCE)}")
         self.n_src, self.split = n_src, split
         pool = clips_df[clips_df["split"] == split].reset_index(drop=True)
         self.species = pool["species"].to_numpy(dtype=object)
@@ -175,6 +187,9 @@ class ClipPool:
         self.species_codes = pd.factorize(self.species)[0]
         self.recording_codes = pd.factorize(self.recordings)[0]
         self.clips = [clip_audio[c] for c in self.clip_ids]
+        self.balance = balance
+        codes = {"recording": self.recording_codes, "species": self.species_codes}.get(balance)
+        self.weights = None if codes is None else 1.0 / np.bincount(codes)[codes]
 
     def __len__(self) -> int:
         return len(self.clips)
@@ -188,7 +203,11 @@ class ClipPool:
             candidates = np.flatnonzero(allowed)
             if candidates.size == 0:
                 break
-            index = int(candidates[rng.integers(candidates.size)])
+            if self.weights is None:
+                index = int(candidates[rng.integers(candidates.size)])
+            else:
+                weights = self.weights[candidates]
+                index = int(candidates[rng.choice(candidates.size, p=weights / weights.sum())])
             chosen.append(index)
             allowed &= (self.species_codes != self.species_codes[index]) & \
                        (self.recording_codes != self.recording_codes[index])

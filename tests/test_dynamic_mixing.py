@@ -13,7 +13,7 @@ import torch
 from conftest import TINY_MODEL
 from local.bsd_dataset import ResumableLoader
 from local.dynamic_mixing import DynamicMixDataset, change_speed
-from local.mixtures import MixtureError
+from local.mixtures import BALANCE, ClipPool, MixtureError
 from test_train import BATCH, N_TRAIN, SAMPLE_RATE, write_tiny_bsd
 from train import make_lr_schedule, make_train_loader, train
 from utils.config import ConfError, read_conf
@@ -154,6 +154,52 @@ def test_speed_perturbation_needs_dynamic_mixing(dm_data, dm_conf):
     dm_conf["training"]["dynamic_mixing"] = True
     loader = make_train_loader(dm_conf, dm_data)
     assert loader.dataset.speed_factors == [0.9, 1.1]
+
+
+def skewed_pool(dm_conf, balance: str) -> ClipPool:
+    """Six recordings of three species; recording "big" (species A) gave 20 clips, the others one."""
+    rows = [("big", "A")] * 20 + [("a2", "A"), ("b1", "B"), ("b2", "B"), ("c1", "C"), ("c2", "C")]
+    clips = pd.DataFrame({"clip_id": [f"c{i:02d}" for i in range(len(rows))],
+                          "recording_id": [r for r, _ in rows], "species": [s for _, s in rows],
+                          "split": "tr"})
+    audio = {c: np.ones(8, dtype=np.float32) for c in clips["clip_id"]}
+    return ClipPool(clips, "tr", audio, 2, dm_conf, balance=balance)
+
+
+@pytest.mark.parametrize("balance", BALANCE)
+def test_balanced_draws_give_every_recording_or_species_its_share(dm_conf, balance):
+    pool, rng = skewed_pool(dm_conf, balance), np.random.default_rng(0)
+    picks = [pool.pick(rng) for _ in range(3000)]
+    for chosen in picks:       # still two species and two recordings in every mixture
+        assert len({pool.species[i] for i in chosen}) == len({pool.recordings[i] for i in chosen}) == 2
+    first = pd.Series([pool.recordings[c[0]] for c in picks]).value_counts(normalize=True)
+    first_species = pd.Series([pool.species[c[0]] for c in picks]).value_counts(normalize=True)
+    if balance == "clip":          # uniform over clips: the big recording holds 20 of 25
+        assert first["big"] == pytest.approx(0.8, abs=0.03)
+    elif balance == "recording":   # uniform over the six recordings
+        assert first.to_numpy() == pytest.approx(np.full(6, 1 / 6), abs=0.03)
+    else:                          # uniform over the three species; within A, by clips
+        assert first_species.to_numpy() == pytest.approx(np.full(3, 1 / 3), abs=0.03)
+        assert first["big"] == pytest.approx(20 / 21 / 3, abs=0.03)
+    again = skewed_pool(dm_conf, balance)
+    assert again.pick(np.random.default_rng(0)) == picks[0]
+
+
+def test_balance_is_checked(dm_data, dm_conf):
+    with pytest.raises(MixtureError, match="balance 'speaker'"):
+        skewed_pool(dm_conf, "speaker")
+    dm_conf["training"]["dm_balance"] = "speaker"
+    with pytest.raises(ConfError, match="--dm_balance 'speaker'"):
+        make_train_loader(dm_conf, dm_data)
+    dm_conf["training"].update(dm_balance="recording", dynamic_mixing=False)
+    with pytest.raises(ConfError, match="--dm_balance needs --dynamic_mixing true"):
+        make_train_loader(dm_conf, dm_data)
+    dm_conf["training"]["dynamic_mixing"] = True
+    loader = make_train_loader(dm_conf, dm_data)
+    assert loader.dataset.pool.balance == "recording"
+    # Drawn from the seed, the epoch and the index, as the uniform draw is.
+    first, again = loader.dataset[(3, (17, 1))], loader.dataset[(3, (17, 1))]
+    assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
 
 
 def test_too_few_species_or_no_clips_are_clear_errors(tmp_path, dm_conf):
