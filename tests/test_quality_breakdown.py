@@ -165,6 +165,8 @@ def test_paired_difference_cancels_what_the_recordings_share(tmp_path):
     assert own_high - own_low > 10 * (high - low)
     with pytest.raises(ValueError, match="same mixtures"):
         paired_difference(reference, other.iloc[1:], 2)
+    with pytest.raises(ValueError, match="same mixtures"):
+        paired_difference(reference, pd.concat([other, other.iloc[:1]]), 2)
     # In the table, the column gives the difference and its interval.
     exps = []
     for name, table in (("ref", reference), ("new", other)):

@@ -52,8 +52,8 @@ def test_by_clip_keeps_every_recording_and_the_share(fraction):
 
 def test_the_draw_follows_the_seed():
     clips = clip_table(n_recordings=12)
-    draw = {seed: sorted(choose_tr_clips(clips, 0.5, "recording", seed)) for seed in (0, 0, 1, 2)}
-    assert sorted(choose_tr_clips(clips, 0.5, "recording", 0)) == draw[0]
+    draw = {seed: sorted(choose_tr_clips(clips, 0.5, "recording", seed)) for seed in (0, 1, 2)}
+    assert sorted(choose_tr_clips(clips, 0.5, "recording", 0)) == draw[0]   # a rerun: the same
     assert len({tuple(d) for d in draw.values()}) > 1
     assert set(choose_tr_clips(clips, 1.0, "clip", 5)) == set(clips.index[clips["split"] == "tr"])
 
@@ -81,8 +81,7 @@ def test_subset_directory_feeds_dynamic_mixing(tmp_path, dm_conf):  # noqa: F811
     assert (out / "BSD-2mix").resolve() == (source / "BSD-2mix").resolve()
     dataset = DynamicMixDataset(out, 2, dm_conf, segment_s=1.0, n_items=4, min_source_share=0.2)
     assert sorted(dataset.pool.clip_ids) == sorted(subset.loc[subset["split"] == "tr", "clip_id"])
-    mixture, sources = dataset[(0, (17, 0))]
-    assert sources.shape[0] == 2
+    assert dataset[(0, (17, 0))][1].shape[0] == 2
     with pytest.raises(FileExistsError, match="exists"):
         subset_clips(source, out, 0.5)
     with pytest.raises(FileNotFoundError, match="stage 1"):

@@ -35,7 +35,8 @@ def paired_difference(reference: pd.DataFrame, other: pd.DataFrame, n_src: int) 
     eval.recording_interval's bootstrap of them over the recordings. Both models are scored on
     each mixture, so what the recordings share (how hard they are) cancels out of the interval."""
     ref, oth = reference.set_index("mixture_id"), other.set_index("mixture_id")
-    if ref.index.duplicated().any() or set(ref.index) != set(oth.index):
+    if (ref.index.duplicated().any() or oth.index.duplicated().any()
+            or set(ref.index) != set(oth.index)):
         raise ValueError("paired_difference: the two tables do not hold the same mixtures")
     oth = oth.loc[ref.index]
     diff = ref.copy()
