@@ -12,7 +12,9 @@ Rerunning with the same exp_dir resumes from checkpoints/last.ckpt. A rerun whos
 dir match a finished run says so and returns at once. `max_minutes` is a budget on the TOTAL
 training time of the experiment: Lightning's Timer stores the time elapsed in each checkpoint and a
 resumed run continues from it, so a run killed and resumed does not get a fresh budget (the time
-between the last checkpoint and the kill is not counted, as that work is redone). To train longer
+between the last checkpoint and the kill is not counted, as that work is redone). The budget
+holds the validations too: training stops early enough for the closing one to end within it
+(utils/training_callbacks.py: ValidationReserve). To train longer
 after the budget ran out, rerun with a larger --max_minutes. As in Lightning, an epoch cut short
 by the budget counts as an epoch: a resumed run goes on with the next one. A run killed in
 mid-epoch resumes with the rest of that epoch, the same batches in the same windows
@@ -51,7 +53,7 @@ from utils.atomic import atomic_path, atomic_write_text
 from utils.config import Conf, ConfError, parse_stage_args, read_conf, write_conf
 from utils.stage_marker import clear_done, is_done, mark_done
 from utils.training_callbacks import (LR_SCHEDULES, BudgetSchedule, ExpectedTime, LearningCurve,
-                                      TrainingClock)
+                                      TrainingClock, ValidationReserve)
 
 
 def train(conf: Conf, data_dir: str | Path, exp_dir: str | Path,
@@ -90,9 +92,10 @@ def train(conf: Conf, data_dir: str | Path, exp_dir: str | Path,
     # Lightning refuses to clip the gradients of a fused optimizer under fp16's GradScaler.
     model, optimizer = make_model_and_optimizer(conf, fused=not precision.startswith("16"))
     train_loader, val_loader = make_loaders(conf, data_dir)
-    scheduler, schedule_callbacks = make_lr_schedule(conf, optimizer)
+    reserve = ValidationReserve(t["max_minutes"])
+    scheduler, schedule_callbacks = make_lr_schedule(conf, optimizer, reserve)
     clock = TrainingClock()
-    callbacks = [clock, LearningCurve(exp_dir, clock), *schedule_callbacks,
+    callbacks = [clock, LearningCurve(exp_dir, clock), reserve, *schedule_callbacks,
                  ExpectedTime(t["max_minutes"], CPU_PRESET_HINT)]
     trainer, best_ckpts, early_stop = _make_trainer(conf, exp_dir, len(train_loader), precision,
                                                     callbacks)
@@ -298,13 +301,14 @@ def _make_trainer(conf: Conf, exp_dir: Path, n_train_batches: int, precision: st
     return trainer, best_ckpts, early_stop
 
 
-def make_lr_schedule(conf: Conf, optimizer: torch.optim.Optimizer
+def make_lr_schedule(conf: Conf, optimizer: torch.optim.Optimizer,
+                     reserve: ValidationReserve | None = None
                      ) -> tuple[ReduceLROnPlateau | None, list[Callback]]:
     """The conf's learning-rate schedule: (asteroid System's epoch scheduler, per-step
     callbacks). "plateau" (the thesis'): halved after `lr_halve_patience` epochs without a
     better val_loss. "cosine": warm-up, then a cosine down to `lr_final_fraction` of `lr` at
-    the end of the budget (epochs or max_minutes, whichever ends first). "constant": warm-up,
-    then `lr`."""
+    the end of the budget (epochs or max_minutes, whichever ends first; `reserve`: the time kept
+    for the closing validation). "constant": warm-up, then `lr`."""
     optim, t = conf["optim"], conf["training"]
     if optim["lr_schedule"] not in LR_SCHEDULES:
         raise ConfError(f"--lr_schedule {optim['lr_schedule']!r}: expected one of "
@@ -316,13 +320,16 @@ def make_lr_schedule(conf: Conf, optimizer: torch.optim.Optimizer
                                     patience=optim["lr_halve_patience"])
         return plateau, []
     return None, [BudgetSchedule(optim["lr_schedule"], optim["lr"], optim["warmup_steps"],
-                                 optim["lr_final_fraction"], t["max_minutes"])]
+                                 optim["lr_final_fraction"], t["max_minutes"], reserve)]
 
 
 def _stop_reason(trainer: pl.Trainer, early_stop: EarlyStopping | None) -> str:
     timer = next((c for c in trainer.callbacks if isinstance(c, Timer)), None)
+    reserve = next((c for c in trainer.callbacks if isinstance(c, ValidationReserve)), None)
     if early_stop is not None and early_stop.stopped_epoch > 0:
         return "early stop"
+    if reserve is not None and reserve.stopped:
+        return "time budget"
     if timer is not None and timer.time_remaining() is not None and timer.time_remaining() <= 0:
         return "time budget"
     return "max epochs"

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import warnings
+from datetime import timedelta
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
@@ -12,6 +14,7 @@ import pytest
 import soundfile as sf
 import torch
 from asteroid.models import ConvTasNet
+from pytorch_lightning.callbacks import Timer
 
 import system as system_module
 import train as train_module
@@ -21,6 +24,7 @@ from model import load_best_model, make_model
 from system import BadBatchWarning, BirdSystem, resolve_precision
 from train import main, train
 from utils.config import ConfError, read_conf, write_conf
+from utils.training_callbacks import BudgetSchedule, ValidationReserve
 
 SAMPLE_RATE = 8000
 N_TRAIN, BATCH = 4, 2  # 2 training steps per epoch
@@ -148,6 +152,84 @@ def test_time_budget_stops_cleanly_and_carries_over(tiny_conf, tiny_data, tmp_pa
     train(tiny_conf, tiny_data, exp_dir)
     assert best_model_infos(exp_dir)["stop_reason"] == "max epochs"
     assert last_checkpoint(exp_dir)["callbacks"]["Timer"]["time_elapsed"]["train"] > elapsed
+
+
+def test_time_budget_keeps_room_for_the_closing_validation(tiny_conf, tiny_data, tmp_path,
+                                                            monkeypatch):
+    # A validation pass as long as the budget: training stops after its first step.
+    monkeypatch.setattr(ValidationReserve, "reserve_s", lambda self: 3600.0)
+    tiny_conf["training"].update(epochs=3, max_minutes=60)
+    exp_dir = tmp_path / "exp"
+    train(tiny_conf, tiny_data, exp_dir)
+    infos = best_model_infos(exp_dir)
+    assert infos["stop_reason"] == "time budget" and infos["global_step"] == 1
+    assert last_checkpoint(exp_dir)["callbacks"]["ValidationReserve"]["measured"]
+
+
+class StandInTimer(Timer):
+    """Lightning's Timer with a clock the test sets."""
+
+    def __init__(self) -> None:
+        super().__init__(duration=timedelta(minutes=1))
+        self.elapsed = 0.0
+
+    def time_elapsed(self, stage: str = "train") -> float:
+        return self.elapsed
+
+
+def test_validation_reserve_measures_passes_and_stops_training(monkeypatch, capsys):
+    import utils.training_callbacks as callbacks
+
+    now = [0.0]
+    monkeypatch.setattr(callbacks, "time", SimpleNamespace(monotonic=lambda: now[0]))
+    timer = StandInTimer()
+    trainer = SimpleNamespace(callbacks=[timer], strategy=SimpleNamespace(broadcast=lambda x: x),
+                              is_global_zero=True, should_stop=False, sanity_checking=True,
+                              num_val_batches=[10])
+    reserve = ValidationReserve(max_minutes=1)
+
+    def validate(batches: int, seconds: float) -> None:
+        reserve.on_validation_start(trainer, None)
+        for i in range(batches):
+            now[0] += seconds / batches
+            reserve.on_validation_batch_end(trainer, None, None, None, i)
+        reserve.on_validation_end(trainer, None)
+
+    def step_at(elapsed: float) -> bool:
+        timer.elapsed = elapsed
+        reserve.on_train_batch_end(trainer, None, None, None, 0)
+        return trainer.should_stop
+
+    validate(2, 2.0)                    # the sanity check: 1 s a batch, 10 batches in a pass
+    assert reserve.reserve_s() == pytest.approx(10.0)
+    trainer.sanity_checking = False
+    validate(10, 6.0)                   # the first whole pass replaces the estimate
+    assert reserve.reserve_s() == pytest.approx(6.0)
+    validate(10, 4.0)                   # then the longest pass counts
+    assert reserve.reserve_s() == pytest.approx(6.0)
+    assert not step_at(53.9)
+    assert step_at(54.0) and reserve.stopped
+    assert "stopping 0.1 min before the 1-minute budget" in capsys.readouterr().out
+
+    # The cosine ends when training does: 54 of the 60 s.
+    schedule = BudgetSchedule("cosine", 1e-3, 0, 0.0, 1, reserve)
+    trainer.max_epochs, trainer.num_training_batches, trainer.global_step = 100, 10, 5
+    timer.elapsed = 27.0
+    assert schedule.progress(trainer) == pytest.approx(0.5)
+
+    restored = ValidationReserve(max_minutes=1)
+    restored.load_state_dict(reserve.state_dict())
+    assert restored.reserve_s() == pytest.approx(6.0) and restored.measured
+
+    # A pass over half the budget is not reserved: said once, and training goes on.
+    long = ValidationReserve(max_minutes=0.1)
+    long.load_state_dict({"pass_s": 4.0, "measured": True})
+    trainer.should_stop = False
+    for elapsed in (1.0, 5.0):
+        timer.elapsed = elapsed
+        long.on_train_batch_end(trainer, None, None, None, 0)
+    assert not trainer.should_stop and long.reserve_s() == 0.0
+    assert capsys.readouterr().out.count("one validation pass takes about 0.1 min") == 1
 
 
 class Killed(Exception):

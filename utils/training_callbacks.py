@@ -1,7 +1,8 @@
 """Lightning callbacks of the recipe's training loop that are not asteroid's: the learning
-curve written to the experiment, and the learning-rate schedules other than plateau halving.
+curve written to the experiment, the learning-rate schedules other than plateau halving, and
+the time budget's reserve for the validation that closes a run.
 
-Both keep their state in Lightning's checkpoints (`state_dict`), so a resumed run continues
+They keep their state in Lightning's checkpoints (`state_dict`), so a resumed run continues
 the same curve and the same schedule."""
 from __future__ import annotations
 
@@ -112,27 +113,104 @@ def schedule_factor(schedule: str, progress: float, step: int, warmup_steps: int
     return warmup
 
 
+class ValidationReserve(Callback):
+    """With a time budget (`max_minutes`), stop training early enough that the validation which
+    closes the run ends within the budget.
+
+    Lightning's Timer looks at the clock only between training steps, and a run it stops in
+    mid-epoch still validates that epoch: the run then ends one validation pass after its
+    budget, which for a large model on a CPU can take longer than the budget itself. This
+    callback keeps the time of the longest validation pass so far (before the first, the
+    sanity check's pace times the validation batches) and stops training once the time used
+    plus that pass reaches the budget. A pass longer than half the budget is not reserved
+    (training would hardly start): it is said once, and the run ends that long after its
+    budget."""
+
+    def __init__(self, max_minutes: float):
+        self.budget_s = 60.0 * max_minutes
+        self.pass_s = 0.0                 # longest validation pass (restored on resume)
+        self.measured = False             # pass_s is a whole pass, not the sanity estimate
+        self.stopped = False              # this callback ended training
+        self._started: float | None = None
+        self._batches = 0
+        self._warned = False
+
+    def reserve_s(self) -> float:
+        """Seconds of the budget kept for the closing validation."""
+        return self.pass_s if self.pass_s < self.budget_s / 2 else 0.0
+
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._started, self._batches = time.monotonic(), 0
+
+    def on_validation_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                                outputs: Any, batch: Any, batch_idx: int,
+                                dataloader_idx: int = 0) -> None:
+        self._batches += 1
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._started is None or self._batches == 0:
+            return
+        took = time.monotonic() - self._started
+        if trainer.sanity_checking:       # a few batches: scale up to a whole pass
+            if not self.measured:
+                self.pass_s = took / self._batches * sum(trainer.num_val_batches)
+            return
+        # The first whole pass replaces the sanity check's estimate.
+        self.pass_s = max(self.pass_s, took) if self.measured else took
+        self.measured = True
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self.budget_s <= 0:
+            return
+        if self.pass_s >= self.budget_s / 2 and not self._warned and trainer.is_global_zero:
+            self._warned = True
+            print(f"train: one validation pass takes about {self.pass_s / 60:.1f} min, over half "
+                  f"the {self.budget_s / 60:g}-minute budget; the run ends about that long after "
+                  f"it (a larger --max_minutes leaves room for it)", flush=True)
+        timer = next((c for c in trainer.callbacks if isinstance(c, Timer)), None)
+        if timer is None or self.stopped:
+            return
+        due = self.reserve_s() > 0 and timer.time_elapsed("train") + self.reserve_s() >= self.budget_s
+        # Rank 0 decides for all processes, as Lightning's Timer does.
+        if trainer.strategy.broadcast(due):
+            trainer.should_stop = self.stopped = True
+            if trainer.is_global_zero:
+                print(f"train: stopping {self.reserve_s() / 60:.1f} min before the "
+                      f"{self.budget_s / 60:g}-minute budget, the time of the closing "
+                      f"validation", flush=True)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"pass_s": self.pass_s, "measured": self.measured}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.pass_s, self.measured = float(state["pass_s"]), bool(state["measured"])
+
+
 class BudgetSchedule(Callback):
     """Warm-up and cosine decay over the training budget, set before every step.
 
     Progress is the larger of steps done / (epochs x steps per epoch) and, with a time budget,
-    minutes used / `max_minutes` (Lightning's Timer, restored on resume): the decay ends when
-    the budget that ends first does, on any machine."""
+    minutes used / `max_minutes` (Lightning's Timer, restored on resume), less the time that
+    `reserve` keeps for the closing validation: the decay ends when the budget that ends first
+    does, on any machine."""
 
     def __init__(self, schedule: str, base_lr: float, warmup_steps: int, final_fraction: float,
-                 max_minutes: float):
+                 max_minutes: float, reserve: ValidationReserve | None = None):
         if schedule not in LR_SCHEDULES or schedule == "plateau":
             raise ValueError(f"BudgetSchedule: schedule {schedule!r} is not a per-step one")
         self.schedule, self.base_lr = schedule, base_lr
         self.warmup_steps, self.final_fraction = warmup_steps, final_fraction
-        self.max_minutes = max_minutes
+        self.max_minutes, self.reserve = max_minutes, reserve
 
     def progress(self, trainer: pl.Trainer) -> float:
         steps = trainer.max_epochs * trainer.num_training_batches
         progress = trainer.global_step / steps if steps and math.isfinite(steps) else 0.0
         timer = next((c for c in trainer.callbacks if isinstance(c, Timer)), None)
         if timer is not None and self.max_minutes > 0:
-            progress = max(progress, timer.time_elapsed("train") / 60 / self.max_minutes)
+            reserve_s = self.reserve.reserve_s() if self.reserve is not None else 0.0
+            train_s = 60 * self.max_minutes - reserve_s
+            progress = max(progress, timer.time_elapsed("train") / train_s)
         return progress
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
