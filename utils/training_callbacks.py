@@ -148,7 +148,7 @@ class ValidationReserve(Callback):
         self._batches += 1
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._started is None or self._batches == 0:
+        if self._started is None or self._batches == 0:    # no pass ran (no cv batches)
             return
         took = time.monotonic() - self._started
         if trainer.sanity_checking:       # a few batches: scale up to a whole pass
@@ -163,7 +163,8 @@ class ValidationReserve(Callback):
                            outputs: Any, batch: Any, batch_idx: int) -> None:
         if self.budget_s <= 0:
             return
-        if self.pass_s >= self.budget_s / 2 and not self._warned and trainer.is_global_zero:
+        too_long = self.pass_s > 0 and self.reserve_s() == 0.0
+        if too_long and not self._warned and trainer.is_global_zero:
             self._warned = True
             print(f"train: one validation pass takes about {self.pass_s / 60:.1f} min, over half "
                   f"the {self.budget_s / 60:g}-minute budget; the run ends about that long after "
@@ -171,12 +172,13 @@ class ValidationReserve(Callback):
         timer = next((c for c in trainer.callbacks if isinstance(c, Timer)), None)
         if timer is None or self.stopped:
             return
-        due = self.reserve_s() > 0 and timer.time_elapsed("train") + self.reserve_s() >= self.budget_s
+        reserve = self.reserve_s()
+        due = reserve > 0 and timer.time_elapsed("train") + reserve >= self.budget_s
         # Rank 0 decides for all processes, as Lightning's Timer does.
         if trainer.strategy.broadcast(due):
             trainer.should_stop = self.stopped = True
             if trainer.is_global_zero:
-                print(f"train: stopping {self.reserve_s() / 60:.1f} min before the "
+                print(f"train: stopping {reserve / 60:.1f} min before the "
                       f"{self.budget_s / 60:g}-minute budget, the time of the closing "
                       f"validation", flush=True)
 
