@@ -43,7 +43,7 @@ SOURCE_INFO_COLUMNS = ("clip_id", "recording_id", "species", "snr_db")
 # Utterance-level metric columns summarised in final_metrics.json.
 SUMMARY_METRICS = ("input_si_sdr", "si_sdr", "si_sdr_imp", "input_sdr", "sdr", "sdr_imp")
 ORACLE_SUMMARY_METRICS = ("si_sdr", "si_sdr_imp", "sdr", "sdr_imp")
-ORACLE_TITLES = {"ibm": "IBM", "irm": "IRM", "wiener": "Wiener"}
+ORACLE_TITLES = {"ibm": "IBM", "irm": "IRM", "wiener": "Wiener", "fixed": "fixed filter"}
 # Bins (dB) of a reference's level over its own background, for the breakdown.
 BACKGROUND_BINS = (-np.inf, 6.0, 10.0, 15.0, 20.0, np.inf)
 # Bins (Hz) of the distance between a reference's band centroid and the nearest other

@@ -5,7 +5,8 @@
 - SDR as BSS Eval defines it (bss_eval_sources, 512-tap distortion filter): our Toeplitz
   implementation (toeplitz_sdr), fast_bss_eval, or mir_eval as the slow reference.
 - Oracle time-frequency masks (IBM, IRM, Wiener-like) on an STFT of the mixture, the upper
-  baselines of the Conv-TasNet paper.
+  baselines of the Conv-TasNet paper, and a fixed filter: Wiener gains that do not change over
+  the mixture, the best a separator can do that tells sources apart by frequency band alone.
 
 Signals are numpy arrays: mixture (time,), references and estimates (n_src, time).
 """
@@ -18,7 +19,7 @@ import torch
 from asteroid.losses import PITLossWrapper
 
 SDR_BACKENDS = ("toeplitz", "fast_bss_eval", "mir_eval")
-ORACLE_MASKS = ("ibm", "irm", "wiener")
+ORACLE_MASKS = ("ibm", "irm", "wiener", "fixed")
 # bss_eval_sources' distortion filter length (BSS Eval v3/v4 and mir_eval use 512 taps).
 BSS_EVAL_FILTER_LENGTH = 512
 # toeplitz_sdr: a fast solve whose projected energy leaves [0, energy] by more than this
@@ -276,7 +277,9 @@ def oracle_estimates(mixture: np.ndarray, references: np.ndarray, win: int, hop:
     references (Hann window `win`, hop `hop` samples); each (n_src, time).
 
     ibm: 1 where the source dominates the bin; irm: |S_i| / sum_j |S_j|;
-    wiener: |S_i|^2 / sum_j |S_j|^2.
+    wiener: |S_i|^2 / sum_j |S_j|^2; fixed: Wiener gains from each source's energy per
+    frequency over the whole mixture, sum_t |S_i|^2 / sum_t sum_j |S_j|^2, the same in every
+    frame: a separator that filters by band alone, with the mixture's own band shares known.
     """
     unknown = set(masks) - set(ORACLE_MASKS)
     if unknown:
@@ -290,11 +293,14 @@ def oracle_estimates(mixture: np.ndarray, references: np.ndarray, win: int, hop:
 
     mix_spec, src_spec = stft(mixture), stft(references)
     magnitude = src_spec.abs()
+    power = magnitude ** 2
     tiny = torch.finfo(torch.float64).tiny
+    band_power = power.sum(-1, keepdim=True)   # (n_src, F, 1): each source's energy per band
     mask_makers = {
         "ibm": lambda: (magnitude == magnitude.amax(0, keepdim=True)).to(torch.float64),
         "irm": lambda: magnitude / (magnitude.sum(0, keepdim=True) + tiny),
-        "wiener": lambda: magnitude ** 2 / ((magnitude ** 2).sum(0, keepdim=True) + tiny),
+        "wiener": lambda: power / (power.sum(0, keepdim=True) + tiny),
+        "fixed": lambda: (band_power / (band_power.sum(0, keepdim=True) + tiny)).expand_as(power),
     }
     stacked_masks = torch.cat([mask_makers[name]() for name in masks])  # (n_masks * n_src, F, frames)
     # One inverse STFT for every mask and source.

@@ -114,7 +114,7 @@ def test_eval_end_to_end(tiny_bsd, tiny_exp):
         assert metrics[name] == pytest.approx(table[name].mean(), abs=1e-3)
 
     # Oracles beside the model: disjoint bands, so the masks separate almost perfectly.
-    for name in ("ibm", "irm", "wiener"):
+    for name in ("ibm", "irm", "wiener", "fixed"):
         assert metrics["oracle"][name]["si_sdr_imp"] > 15
         assert metrics["oracle"][name]["si_sdr_imp"] == pytest.approx(table[f"{name}_si_sdr_imp"].mean(), abs=1e-3)
 
@@ -175,7 +175,7 @@ def test_evaluate_oracles_needs_no_model(tiny_bsd):
     result = eval_stage.evaluate_oracles(data_dir, n_src=2, split="tt", sample_rate=SR)
     assert result["n_utterances"] == 3
     assert result["data"]["csv"] == str(data_dir / "BSD-2mix" / "tt.csv")
-    assert set(result["oracle"]) == {"ibm", "irm", "wiener"}
+    assert set(result["oracle"]) == {"ibm", "irm", "wiener", "fixed"}
     for name, scores in result["oracle"].items():
         assert scores["si_sdr_imp"] > 15, name
         assert scores["sdr_imp"] > 15, name

@@ -188,9 +188,9 @@ def test_oracle_masks_separate_disjoint_bands():
     win, hop = stft_sizes(SR, 32, 8)
     assert (win, hop) == (256, 64)
     estimates = oracle_estimates(mixture, references, win, hop)
-    assert set(estimates) == {"ibm", "irm", "wiener"}
+    assert set(estimates) == {"ibm", "irm", "wiener", "fixed"}
     scores = score_estimates(mixture, references, estimates, "toeplitz")
-    for name in ("ibm", "irm", "wiener"):
+    for name in ("ibm", "irm", "wiener", "fixed"):
         assert estimates[name].shape == references.shape
         np.testing.assert_array_equal(scores[name]["perm"], [0, 1])
         # Disjoint bands: the masks are ~exact, far above the input SI-SNR (+6/-6 dB).
@@ -200,6 +200,26 @@ def test_oracle_masks_separate_disjoint_bands():
     # The masks of all sources sum to one: the oracle estimates add up to the mixture.
     np.testing.assert_allclose(estimates["irm"].sum(0), mixture, atol=1e-9)
     np.testing.assert_allclose(estimates["ibm"].sum(0), mixture, atol=1e-9)
+    np.testing.assert_allclose(estimates["fixed"].sum(0), mixture, atol=1e-9)
+
+
+def test_fixed_filter_cannot_separate_one_band_taken_in_turns():
+    """Two birds on the same pitch, one after the other: the time-frequency masks follow the
+    turns, the fixed filter (one gain per frequency for the whole mixture) cannot."""
+    n = 2 * SR
+    t = np.arange(n) / SR
+    tone = np.sin(2 * np.pi * 1500 * t)
+    first = np.where(t < 1.0, 1.0, 0.0)
+    references = np.stack([tone * first, 0.8 * tone * (1 - first)])
+    mixture = references.sum(0)
+    estimates = oracle_estimates(mixture, references, *stft_sizes(SR, 32, 8))
+    scores = score_estimates(mixture, references, estimates, "toeplitz")
+    assert scores["ibm"]["si_sdr_imp"].min() > 15, scores["ibm"]["si_sdr_imp"]
+    # Each fixed output is the mixture scaled by one gain at 1.5 kHz: no better than the input.
+    assert abs(scores["fixed"]["si_sdr_imp"]).max() < 1.0, scores["fixed"]["si_sdr_imp"]
+    # ... and that gain is the first source's share of the band's energy.
+    gain = estimates["fixed"][0] @ mixture / (mixture @ mixture)
+    assert gain == pytest.approx(1 / (1 + 0.8 ** 2), abs=0.02)
 
 
 def test_oracle_masks_on_overlapping_sources_are_imperfect():
