@@ -68,7 +68,11 @@ def test_quality_table_rows_come_from_the_experiment(tmp_path):
     (exp / "eval" / "final_metrics.json").write_text(json.dumps(metrics))
     table = quality_table([exp], png=tmp_path / "curves.png")
     assert table.splitlines()[-1] == ("| exp1 | 20 | 2.5 | 4.25 | 6.50 / 7.25 | "
-                                      "11.00 / 12.00 (1) | 19.90 / 20.00 |")
+                                      "11.00 / 12.00 (1) | 19.90 / 20.00 | n/a |")
+    # An evaluation with the fixed-filter oracle shows it.
+    metrics["oracle"]["fixed"] = {"si_sdr_imp": 5.14}
+    (exp / "eval" / "final_metrics.json").write_text(json.dumps(metrics))
+    assert quality_table([exp]).splitlines()[-1].endswith("| 19.90 / 20.00 | 5.14 |")
     # With eval.py's per-utterance table, the interval over its recordings joins the row.
     recordings_table([2.0, 4.0, 6.0, 8.0]).to_csv(exp / "eval" / "per_utterance.csv", index=False)
     low, high = recording_interval(pd.read_csv(exp / "eval" / "per_utterance.csv"), 2)["si_sdr_imp"]
@@ -182,5 +186,5 @@ def test_paired_difference_cancels_what_the_recordings_share(tmp_path):
         exps.append(exp)
     lines = quality_table(exps, against=exps[0]).splitlines()
     assert lines[0].endswith("| SI-SNRi against ref [paired 95 % interval] |")
-    assert lines[1].count("---") == 8
+    assert lines[1].count("---") == 9
     assert lines[-1].endswith(f"| {diff['si_sdr_imp']:+.2f} [{low:+.2f}, {high:+.2f}] |")

@@ -6,7 +6,8 @@ figure of their learning curves.
 Each row: the training budget used (steps, training minutes from learning_curve.csv), the
 best validation SI-SNR, and eval.py's SI-SNRi / SDRi on the test split (with the 95 %
 interval of the SI-SNRi over the split's recordings, eval.recording_interval; for older
-evaluations, from their per_utterance.csv), on the clean yardstick, and the oracle IBM on
+evaluations, from their per_utterance.csv), on the clean yardstick, and the oracle IBM and
+fixed filter (the ceiling of separation by band alone; n/a for evaluations made before it) on
 the same mixtures (exp/<tag>/eval/final_metrics.json). With `--against`, one more column: the
 SI-SNRi difference to that experiment on the very same mixtures, with a paired 95 % interval
 over the recordings (`paired_difference`). Runs that differ by less than the intervals over a
@@ -25,8 +26,9 @@ from eval import recording_interval
 from utils.training_callbacks import save_curve_figure
 
 HEADER = ("| experiment | steps | train min | best val SI-SNR | test SI-SNRi [95 % interval] / SDRi | "
-          "clean yardstick SI-SNRi / SDRi (n) | IBM SI-SNRi (test / clean) |\n"
-          "|---|---|---|---|---|---|---|")
+          "clean yardstick SI-SNRi / SDRi (n) | IBM SI-SNRi (test / clean) | "
+          "fixed filter SI-SNRi (test) |\n"
+          "|---|---|---|---|---|---|---|---|")
 
 
 def paired_difference(reference: pd.DataFrame, other: pd.DataFrame, n_src: int) -> dict:
@@ -66,6 +68,8 @@ def quality_row(exp_dir: Path, against: Path | None = None) -> str:
     clean_text = (f"{clean['si_sdr_imp']:.2f} / {clean['sdr_imp']:.2f} ({clean['n_mixtures']})"
                   if clean["n_mixtures"] else "n/a (0)")
     clean_ibm = clean.get("oracle", {}).get("ibm", {}).get("si_sdr_imp", float("nan"))
+    fixed = metrics["oracle"].get("fixed")
+    fixed_text = f"{fixed['si_sdr_imp']:.2f}" if fixed else "n/a"
     per_utterance = exp_dir / "eval" / "per_utterance.csv"
     # eval.py writes the interval; evaluations made before it get it from their table.
     interval = metrics.get("interval")
@@ -76,7 +80,7 @@ def quality_row(exp_dir: Path, against: Path | None = None) -> str:
     return (f"| {exp_dir.name} | {int(curve['step'].iloc[-1])} | "
             f"{curve['train_minutes'].iloc[-1]:.1f} | {curve['val_si_snr_db'].max():.2f} | "
             f"{metrics['si_sdr_imp']:.2f}{interval_text} / {metrics['sdr_imp']:.2f} | {clean_text} | "
-            f"{metrics['oracle']['ibm']['si_sdr_imp']:.2f} / {clean_ibm:.2f} |"
+            f"{metrics['oracle']['ibm']['si_sdr_imp']:.2f} / {clean_ibm:.2f} | {fixed_text} |"
             + (f" {_paired_text(exp_dir, against, int(metrics.get('n_src', 2)))} |"
                if against is not None else ""))
 
