@@ -53,7 +53,7 @@ from utils.atomic import atomic_path, atomic_write_text
 from utils.config import Conf, ConfError, parse_stage_args, read_conf, write_conf
 from utils.stage_marker import clear_done, is_done, mark_done
 from utils.training_callbacks import (LR_SCHEDULES, BudgetSchedule, ExpectedTime, LearningCurve,
-                                      TrainingClock, ValidationReserve)
+                                      TrainingClock, ValidationReserve, find_callback)
 
 
 def train(conf: Conf, data_dir: str | Path, exp_dir: str | Path,
@@ -324,8 +324,7 @@ def make_lr_schedule(conf: Conf, optimizer: torch.optim.Optimizer,
 
 
 def _stop_reason(trainer: pl.Trainer, early_stop: EarlyStopping | None) -> str:
-    timer = next((c for c in trainer.callbacks if isinstance(c, Timer)), None)
-    reserve = next((c for c in trainer.callbacks if isinstance(c, ValidationReserve)), None)
+    timer, reserve = find_callback(trainer, Timer), find_callback(trainer, ValidationReserve)
     if early_stop is not None and early_stop.stopped_epoch > 0:
         return "early stop"
     if reserve is not None and reserve.stopped:

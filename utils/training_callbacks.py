@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pandas as pd
 import pytorch_lightning as pl
@@ -19,6 +19,12 @@ from utils.atomic import atomic_path
 
 CURVE_COLUMNS = ["epoch", "step", "train_minutes", "val_si_snr_db", "lr"]
 LR_SCHEDULES = ("plateau", "cosine", "constant")
+CallbackT = TypeVar("CallbackT", bound=Callback)
+
+
+def find_callback(trainer: pl.Trainer, kind: type[CallbackT]) -> CallbackT | None:
+    """The trainer's first callback of this kind (Lightning's Timer, ...), or None."""
+    return next((c for c in trainer.callbacks if isinstance(c, kind)), None)
 
 
 class TrainingClock(Callback):
@@ -169,7 +175,7 @@ class ValidationReserve(Callback):
             print(f"train: one validation pass takes about {self.pass_s / 60:.1f} min, over half "
                   f"the {self.budget_s / 60:g}-minute budget; the run ends about that long after "
                   f"it (a larger --max_minutes leaves room for it)", flush=True)
-        timer = next((c for c in trainer.callbacks if isinstance(c, Timer)), None)
+        timer = find_callback(trainer, Timer)
         if timer is None or self.stopped:
             return
         reserve = self.reserve_s()
@@ -208,7 +214,7 @@ class BudgetSchedule(Callback):
     def progress(self, trainer: pl.Trainer) -> float:
         steps = trainer.max_epochs * trainer.num_training_batches
         progress = trainer.global_step / steps if steps and math.isfinite(steps) else 0.0
-        timer = next((c for c in trainer.callbacks if isinstance(c, Timer)), None)
+        timer = find_callback(trainer, Timer)
         if timer is not None and self.max_minutes > 0:
             reserve_s = self.reserve.reserve_s() if self.reserve is not None else 0.0
             train_s = 60 * self.max_minutes - reserve_s
